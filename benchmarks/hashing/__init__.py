@@ -1,0 +1,1 @@
+"""Hashing benchmark: trainguard's verify-env over the installed torch vs sha256sum/b3sum."""

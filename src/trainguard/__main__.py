@@ -1,0 +1,5 @@
+"""``python -m trainguard``."""
+
+from trainguard.cli import entry
+
+entry()

@@ -1,0 +1,1 @@
+"""Model files: container formats, pickle static analysis, the safe loader, conversion."""

@@ -1,0 +1,209 @@
+"""ZIP containers: PyTorch checkpoints (any member ending in ``.pkl``) and NumPy ``.npz``.
+
+Only the central directory, local headers and pickle members are read: the time to scan
+does not grow with tensor bytes. Storage records named by the pickle are checked to
+exist and to be large enough, from the directory alone.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from trainguard.artifacts.formats.numpy_files import NeedsWhole, analyse_npy
+from trainguard.artifacts.formats.pickles import PickleFormat, analyse_tail, const, itemsize_of
+from trainguard.artifacts.interface import Analysis, FormatError
+from trainguard.artifacts.pickle_analysis import Container, PickleResult, analyse_pickle
+from trainguard.artifacts.zipcheck import (
+    ZipMember,
+    find_eocd,
+    parse_zip,
+    read_member,
+    torch_archive_prefix,
+)
+from trainguard.errors import Severity
+
+#: A pickle member larger than this (uncompressed) is not analysed: UNVERIFIABLE.
+MAX_PICKLE_MEMBER = 1 << 30
+#: How much of a compressed .npy member is inflated to read its header.
+NPY_HEADER_PREFIX = 1 << 16
+
+_KERAS_MARKERS = ("config.json", "model.weights.h5", "metadata.json")
+#: Records torch.save writes besides data.pkl and the storages.
+_TORCH_RECORDS = frozenset(
+    {"version", ".format_version", ".storage_alignment", "byteorder", "serialization_id"}
+)
+
+
+class ZipFormat:
+    """Any ZIP archive: dispatches to PyTorch or NumPy by what the members are."""
+
+    name = "zip"
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        return head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06")
+
+    def analyse(self, buf: memoryview, analysis: Analysis) -> None:
+        members = parse_zip(buf, analysis)
+        pickles = [m for m in members if m.name.endswith(".pkl")]
+        arrays = [m for m in members if m.name.endswith(".npy")]
+        if pickles:
+            analysis.format = "torch-zip"
+            analyse_torch(buf, members, pickles, analysis)
+        elif arrays:
+            analysis.format = "npz"
+            for member in members:
+                analyse_npz_member(buf, member, analysis)
+        elif any(m.name.rsplit("/", 1)[-1] in _KERAS_MARKERS for m in members):
+            analysis.format = "keras"
+            analysis.supported = False
+            analysis.add(Severity.INFO, "format", "Keras archive: not supported by this scanner")
+        else:
+            analysis.supported = False
+            analysis.add(Severity.INFO, "format", "ZIP archive with no pickle or array members")
+
+
+def analyse_torch(
+    buf: memoryview, members: list[ZipMember], pickles: list[ZipMember], analysis: Analysis
+) -> None:
+    by_name = {m.name: m for m in members}
+    prefix = torch_archive_prefix(members)
+    if prefix is None or f"{prefix}/data.pkl" not in by_name:
+        analysis.fail(
+            FormatError(
+                "PyTorch's reader would not find data.pkl under the first entry's folder "
+                f"({prefix!r}): not loadable by torch.load"
+            )
+        )
+    if any("/code/" in f"/{m.name}" for m in members):
+        analysis.add(
+            Severity.MEDIUM,
+            "torchscript",
+            "TorchScript archive: holds code that torch.jit.load compiles and runs",
+        )
+    referenced: set[str] = set()
+    for member in pickles:
+        try:
+            data = read_member(buf, member, limit=MAX_PICKLE_MEMBER)
+            view = memoryview(data)
+            result = analyse_pickle(view, 0, analysis, member=member.name, allow_persistent=True)
+            analyse_tail(view, result.end, analysis, member=member.name)
+        except FormatError as exc:
+            if exc.member is None:
+                exc.member = member.name
+            analysis.fail(exc)
+            continue
+        folder = member.name.rsplit("/", 1)[0] if "/" in member.name else ""
+        referenced.update(check_storages(result, folder, by_name, analysis, member.name))
+    for member in members:
+        if member.name.endswith(".pkl") or member.name in referenced:
+            continue
+        if member.name.rsplit("/", 1)[-1] not in _TORCH_RECORDS:
+            analyse_stray(buf, member, analysis)
+
+
+def check_storages(
+    result: PickleResult,
+    folder: str,
+    by_name: dict[str, ZipMember],
+    analysis: Analysis,
+    member: str,
+) -> set[str]:
+    """Every storage the pickle names must be a record big enough for it; returns their names."""
+    names: set[str] = set()
+    for ref in result.persistent_ids:
+        pid = ref.pid.items if isinstance(ref.pid, Container) else []
+        if len(pid) < 5 or const(pid[0]) != "storage":
+            analysis.fail(
+                FormatError(
+                    "persistent id is not a storage reference", member=member, offset=ref.offset
+                )
+            )
+            continue
+        key, numel = const(pid[2]), const(pid[4])
+        itemsize = itemsize_of(pid[1])
+        name = f"{folder}/data/{key}" if folder else f"data/{key}"
+        names.add(name)
+        record = by_name.get(name)
+        if record is None:
+            analysis.fail(
+                FormatError(
+                    f"storage record data/{key} is missing", member=member, offset=ref.offset
+                )
+            )
+        elif isinstance(numel, int) and itemsize is not None and record.size < numel * itemsize:
+            analysis.fail(
+                FormatError(
+                    f"storage record data/{key} holds {record.size} bytes, "
+                    f"{numel * itemsize} expected",
+                    member=member,
+                    offset=ref.offset,
+                )
+            )
+    return names
+
+
+def analyse_stray(buf: memoryview, member: ZipMember, analysis: Analysis) -> None:
+    """A member torch.load never reads: noted, and analysed if it looks like a pickle,
+    since other code may load it (a payload hidden beside the checkpoint)."""
+    head = member_prefix(buf, member, 16) if member.size else b""
+    if not PickleFormat().sniff(head, member.size):
+        analysis.add(Severity.INFO, "zip", "member not read by torch.load", member=member.name)
+        return
+    analysis.add(
+        Severity.LOW,
+        "zip",
+        "member not read by torch.load, yet it looks like a pickle",
+        member=member.name,
+    )
+    scratch = Analysis("stray")
+    try:
+        data = read_member(buf, member, limit=MAX_PICKLE_MEMBER)
+        analyse_tail(memoryview(data), 0, scratch, member=member.name)
+    except FormatError:
+        pass  # not a pickle after all: only what it would do, if it were, matters here
+    analysis.findings.extend(
+        f for f in scratch.findings if f.detector != "parse" and f.severity >= Severity.MEDIUM
+    )
+
+
+def analyse_npz_member(buf: memoryview, member: ZipMember, analysis: Analysis) -> None:
+    name = member.name
+    try:
+        head = member_prefix(buf, member, NPY_HEADER_PREFIX)
+        if not head.startswith(b"\x93NUMPY"):
+            analysis.add(
+                Severity.LOW,
+                "npz",
+                "member is not a .npy array (numpy.load returns its raw bytes)",
+                member=name,
+            )
+            return
+        analyse_npy(memoryview(head), analysis, member=name, size=member.size, full=False)
+    except NeedsWhole:
+        data = read_member(buf, member, limit=MAX_PICKLE_MEMBER)
+        analyse_npy(memoryview(data), analysis, member=name, size=len(data), full=True)
+    except FormatError as exc:
+        if exc.member is None:
+            exc.member = name
+        analysis.fail(exc)
+
+
+def member_prefix(buf: memoryview, member: ZipMember, n: int) -> bytes:
+    """The first ``n`` uncompressed bytes of a member, without inflating the rest."""
+    if member.method == 0:
+        end = min(member.data_offset + member.compressed_size, member.data_offset + n)
+        if end > len(buf):
+            raise FormatError("member data runs past the end of the file", member=member.name)
+        return bytes(buf[member.data_offset : end])
+    if member.method == 8:
+        raw = bytes(buf[member.data_offset : member.data_offset + min(member.compressed_size, n)])
+        try:
+            return zlib.decompressobj(-15).decompress(raw, n)
+        except zlib.error as exc:
+            raise FormatError(f"corrupt deflate data: {exc}", member=member.name) from exc
+    return read_member(buf, member, limit=MAX_PICKLE_MEMBER)[:n]
+
+
+def has_trailing_zip(buf: memoryview) -> bool:
+    """True if a ZIP central directory sits at the end of a file that is not a ZIP."""
+    return find_eocd(buf) is not None

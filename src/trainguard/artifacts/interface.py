@@ -1,0 +1,154 @@
+"""Types shared by the model-file scanners: verdicts, reports, and the format handler protocol.
+
+Adding a file format is adding one module that implements :class:`FormatHandler`
+and registering it in :mod:`trainguard.artifacts.formats`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from trainguard.errors import Finding, Severity
+
+#: A finding at or above this severity makes a file UNSAFE.
+UNSAFE_AT = Severity.MEDIUM
+
+
+class Verdict(str, enum.Enum):
+    """What a scan concluded about one file."""
+
+    SAFE = "SAFE"
+    UNSAFE = "UNSAFE"
+    UNVERIFIABLE = "UNVERIFIABLE"
+    UNSUPPORTED = "UNSUPPORTED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FormatError(Exception):
+    """Internal: the bytes do not parse as the format they claim. Becomes UNVERIFIABLE."""
+
+    def __init__(self, message: str, *, member: str | None = None, offset: int | None = None):
+        super().__init__(message)
+        self.member = member
+        self.offset = offset
+
+
+@dataclass
+class Analysis:
+    """What a format handler found in one file (mutable while the handler works)."""
+
+    format: str
+    findings: list[Finding] = field(default_factory=list)
+    #: set when part of the file could not be parsed: the file is then UNVERIFIABLE
+    parse_error: str | None = None
+    supported: bool = True
+
+    def add(
+        self,
+        severity: Severity,
+        detector: str,
+        message: str,
+        *,
+        member: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        location = member or ""
+        if offset is not None:
+            location = f"{location}@{offset}" if location else f"@{offset}"
+        self.findings.append(Finding(severity, detector, location, message, member, offset))
+
+    def fail(self, error: FormatError, detector: str = "parse") -> None:
+        """Record that parsing stopped; the file becomes UNVERIFIABLE."""
+        message = str(error)
+        if self.parse_error is None:
+            self.parse_error = message
+        self.add(Severity.HIGH, detector, message, member=error.member, offset=error.offset)
+
+    @property
+    def verdict(self) -> Verdict:
+        if any(f.severity >= UNSAFE_AT and f.detector != "parse" for f in self.findings):
+            return Verdict.UNSAFE
+        if not self.supported:
+            return Verdict.UNSUPPORTED
+        if self.parse_error is not None:
+            return Verdict.UNVERIFIABLE
+        return Verdict.SAFE
+
+
+class FormatHandler(Protocol):
+    """One container format: recognise it from its first bytes, then analyse it."""
+
+    name: str
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        """True if ``head`` (the first bytes of a ``size``-byte file) is this format."""
+
+    def analyse(self, buf: memoryview, analysis: Analysis) -> None:
+        """Add findings to ``analysis``; raise :class:`FormatError` where parsing stops."""
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """The scan of one file."""
+
+    path: str
+    format: str
+    verdict: Verdict
+    findings: tuple[Finding, ...]
+    size: int
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f.message for f in self.findings if f.severity >= Severity.LOW]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "verdict": self.verdict.value,
+            "size": self.size,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """The scan of everything asked for. ``errors`` are paths that could not be read."""
+
+    files: tuple[FileReport, ...]
+    errors: tuple[str, ...] = ()
+
+    @property
+    def safe(self) -> bool:
+        return not self.errors and all(f.verdict is Verdict.SAFE for f in self.files)
+
+    @property
+    def verdict(self) -> Verdict:
+        verdicts = {f.verdict for f in self.files}
+        for v in (Verdict.UNSAFE, Verdict.UNVERIFIABLE, Verdict.UNSUPPORTED):
+            if v in verdicts:
+                return v
+        return Verdict.UNVERIFIABLE if self.errors else Verdict.SAFE
+
+    def counts(self) -> dict[str, int]:
+        out = {v.value: 0 for v in Verdict}
+        for f in self.files:
+            out[f.verdict.value] += 1
+        return out
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "verdict": self.verdict.value,
+            "counts": self.counts(),
+            "files": [f.to_dict() for f in self.files],
+            "errors": list(self.errors),
+        }
+
+
+def worst(findings: Sequence[Finding]) -> Severity | None:
+    return max((f.severity for f in findings), default=None)

@@ -1,0 +1,275 @@
+"""The safe loader: ``trainguard.load``.
+
+The file is read once into private memory; the static analysis runs on those bytes and,
+only if it finds nothing, a restricted unpickler rebuilds the object from the *same*
+bytes (no second read of the path, so the file cannot be swapped in between). The
+unpickler's ``find_class`` admits only the allowlist, so even a gap in the analysis
+could not reach a callable outside it. Tensors are views into the private buffer, as
+``torch.load`` reads each record into memory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import stat
+from collections.abc import Callable
+from typing import Any
+
+from trainguard.artifacts.allowlist import rule_for
+from trainguard.artifacts.formats.pickles import LEGACY_MAGIC, storage_itemsizes
+from trainguard.artifacts.interface import Analysis, FormatError, Verdict
+from trainguard.artifacts.pickle_analysis import analyse_pickle
+from trainguard.artifacts.scanner import analyse_buffer
+from trainguard.artifacts.zipcheck import parse_zip, read_member, torch_archive_prefix
+from trainguard.errors import (
+    CheckpointError,
+    InputError,
+    Severity,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+)
+
+MapLocation = Any
+PersistentLoad = Callable[[Any], Any]
+
+
+def read_private(path: str | os.PathLike[str]) -> bytearray:
+    """The whole file, read once into memory we own (a FIFO works too: it is read once)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            info = os.fstat(f.fileno())
+            if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+                raise InputError(f"{path}: not a regular file")
+            data = bytearray(info.st_size)
+            view = memoryview(data)
+            filled = 0
+            while filled < len(data):
+                n = f.readinto(view[filled:])
+                if not n:
+                    break
+                filled += n
+            view.release()
+            del data[filled:]
+            while chunk := f.read(1 << 20):  # a pipe, or a file that grew meanwhile
+                data += chunk
+            return data
+    except IsADirectoryError as exc:
+        raise InputError(f"{path}: is a directory (load takes one file)") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: {(exc.strerror or str(exc)).lower()}") from exc
+
+
+def load(path: str | os.PathLike[str], map_location: MapLocation = None) -> Any:
+    """Load a model file without executing code from it. See :func:`trainguard.load`."""
+    name = os.fspath(path)
+    data = read_private(name)
+    return load_bytes(data, name, map_location=map_location)
+
+
+def load_bytes(data: bytearray, name: str, map_location: MapLocation = None) -> Any:
+    """Analyse ``data`` and, if it is safe, rebuild its object from the same bytes."""
+    buf = memoryview(data)
+    analysis = analyse_buffer(buf)
+    verdict = analysis.verdict
+    if verdict is Verdict.UNSUPPORTED:
+        raise UnsupportedFormatError(f"{name}: {analysis.format} files are not supported")
+    if verdict is not Verdict.SAFE:
+        refused = [f for f in analysis.findings if f.severity >= Severity.MEDIUM]
+        raise UnsafeCheckpointError(name, refused or analysis.findings)
+    try:
+        return _dispatch(analysis, data, buf, name, map_location)
+    except (CheckpointError, InputError):
+        raise
+    except Exception as exc:  # the bytes passed analysis but do not rebuild: fail closed
+        raise CheckpointError(f"{name}: cannot rebuild the checkpoint: {exc}") from exc
+
+
+def _dispatch(
+    analysis: Analysis, data: bytearray, buf: memoryview, name: str, map_location: MapLocation
+) -> Any:
+    fmt = analysis.format
+    if fmt == "torch-zip":
+        return _load_torch_zip(data, buf, map_location)
+    if fmt == "torch-legacy":
+        return _load_torch_legacy(data, buf, map_location)
+    if fmt == "pickle":
+        end = analyse_pickle(buf, 0, Analysis("pickle")).end
+        return RestrictedUnpickler(io.BytesIO(buf[:end])).load()
+    if fmt in ("npy", "npz", "safetensors"):
+        from trainguard.artifacts import arrays
+
+        return arrays.load_array_file(fmt, data, buf, map_location)
+    raise UnsupportedFormatError(f"{name}: {fmt} files can be scanned but not loaded")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler whose ``find_class`` admits only the allowlist."""
+
+    def __init__(self, file: io.BytesIO, persistent: PersistentLoad | None = None) -> None:
+        super().__init__(file, encoding="utf-8")
+        self._persistent = persistent
+
+    def find_class(self, module: str, name: str) -> Any:
+        import _compat_pickle
+
+        mapped = _compat_pickle.NAME_MAPPING.get((module, name))
+        if mapped is None:
+            mapped = (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+        qualified = f"{mapped[0]}.{mapped[1]}"
+        if rule_for(qualified) is None:
+            raise pickle.UnpicklingError(f"global {qualified} is not allowed")
+        if name.endswith("Storage") and module in ("torch", "torch.cuda", "torch.storage"):
+            # As torch.load does: a storage class only says which dtype the bytes hold.
+            return StorageType(name)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._persistent is None:
+            raise pickle.UnpicklingError("persistent ids are not allowed here")
+        return self._persistent(pid)
+
+
+class StorageType:
+    """Stands in for a legacy storage class in a persistent id: just its dtype."""
+
+    def __init__(self, name: str) -> None:
+        import torch
+
+        kind = getattr(torch, name, None)
+        if name in ("UntypedStorage", "TypedStorage") or kind is None:
+            self.dtype = torch.uint8
+        else:
+            self.dtype = kind._dtype
+        self.itemsize = self.dtype.itemsize
+
+
+def _restorer(map_location: MapLocation) -> Callable[[Any, str], Any]:
+    import torch.serialization
+
+    get = getattr(torch.serialization, "_get_restore_location", None)
+    if get is not None:
+        restore: Callable[[Any, str], Any] = get(map_location)
+        return restore
+    if map_location is None:
+        return torch.serialization.default_restore_location
+    raise UnsupportedFormatError("map_location is not supported by this torch version")
+
+
+def _typed(untyped: Any, storage_type: StorageType) -> Any:
+    import torch
+
+    dtype = storage_type.dtype
+    return torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
+        wrap_storage=untyped, dtype=dtype, _internal=True
+    )
+
+
+def _view(data: bytearray, offset: int, size: int) -> Any:
+    import torch
+
+    if size == 0:
+        return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
+    return torch.frombuffer(data, dtype=torch.uint8, count=size, offset=offset).untyped_storage()
+
+
+def _load_torch_zip(data: bytearray, buf: memoryview, map_location: MapLocation) -> Any:
+    members = parse_zip(buf, Analysis("zip"))
+    by_name = {m.name: m for m in members}
+    prefix = torch_archive_prefix(members)
+    order = by_name.get(f"{prefix}/byteorder")
+    if order is not None and read_member(buf, order, limit=16).strip() not in (b"", b"little"):
+        raise UnsupportedFormatError("big-endian checkpoints are not supported")
+    restore = _restorer(map_location)
+    loaded: dict[str, Any] = {}
+
+    def persistent_load(pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError("unexpected persistent id")
+        _, storage_type, key, location, numel = pid
+        if key in loaded:
+            return loaded[key]
+        member = by_name.get(f"{prefix}/data/{key}")
+        if member is None:
+            raise FormatError(f"storage record data/{key} is missing")
+        if not isinstance(storage_type, StorageType):
+            raise pickle.UnpicklingError("persistent id without a storage type")
+        nbytes = numel * storage_type.itemsize
+        if nbytes > member.size:
+            raise FormatError(f"storage record data/{key} is too short")
+        if member.method == 0:
+            untyped = _view(data, member.data_offset, nbytes)
+        else:
+            raw = bytearray(read_member(buf, member, limit=member.size))
+            untyped = _view(raw, 0, nbytes)
+        loaded[key] = _typed(restore(untyped, location), storage_type)
+        return loaded[key]
+
+    pkl = read_member(buf, by_name[f"{prefix}/data.pkl"], limit=1 << 30)
+    result = RestrictedUnpickler(io.BytesIO(pkl), persistent_load).load()
+    _validate_sparse()
+    return result
+
+
+def _load_torch_legacy(data: bytearray, buf: memoryview, map_location: MapLocation) -> Any:
+    import torch
+
+    bounds = []
+    pos = 0
+    for _ in range(5):
+        end = analyse_pickle(buf, pos, Analysis("legacy"), allow_persistent=True).end
+        bounds.append((pos, end))
+        pos = end
+    head = [RestrictedUnpickler(io.BytesIO(buf[a:b])).load() for a, b in bounds[:3]]
+    if head[0] != LEGACY_MAGIC or head[1] != 1001:
+        raise UnsupportedFormatError(f"legacy protocol {head[1]!r} is not supported")
+    if not head[2].get("little_endian", True):
+        raise UnsupportedFormatError("big-endian checkpoints are not supported")
+    keys = RestrictedUnpickler(io.BytesIO(buf[bounds[4][0] : bounds[4][1]])).load()
+    main_pickle = analyse_pickle(buf, bounds[3][0], Analysis("legacy"), allow_persistent=True)
+    itemsizes = storage_itemsizes(main_pickle)
+    records: dict[str, tuple[int, int]] = {}  # key -> (data offset, element count)
+    for key in keys:
+        numel = int.from_bytes(buf[pos : pos + 8], "little", signed=True)
+        records[key] = (pos + 8, numel)
+        if key not in itemsizes:
+            raise FormatError(f"storage {key!r} has no known element size")
+        pos += 8 + numel * itemsizes[key]
+    restore = _restorer(map_location)
+    roots: dict[str, Any] = {}
+
+    def persistent_load(pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise pickle.UnpicklingError("unexpected persistent id")
+        _, storage_type, root_key, location, _numel, view = pid
+        if not isinstance(storage_type, StorageType):
+            raise pickle.UnpicklingError("persistent id without a storage type")
+        itemsize = storage_type.itemsize
+        if root_key not in roots:
+            offset, count = records[root_key]
+            roots[root_key] = _typed(
+                restore(_view(data, offset, count * itemsize), location), storage_type
+            )
+        root = roots[root_key]
+        if view is None:
+            return root
+        _view_key, view_offset, view_size = view
+        start = view_offset * itemsize
+        part = root._untyped_storage[start : start + view_size * itemsize]
+        return torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
+            wrap_storage=part, dtype=root.dtype, _internal=True
+        )
+
+    main = buf[bounds[3][0] : bounds[3][1]]
+    result = RestrictedUnpickler(io.BytesIO(main), persistent_load).load()
+    _validate_sparse()
+    return result
+
+
+def _validate_sparse() -> None:
+    import torch
+
+    check = getattr(torch._utils, "_validate_loaded_sparse_tensors", None)
+    if check is not None:
+        check()

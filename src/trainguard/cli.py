@@ -1,0 +1,437 @@
+"""The command line: a thin skin over the library. Only this module prints or exits.
+
+Exit statuses mean the same for every command: 0 clean, 1 findings (unsafe, drift,
+tampered, incidents), 2 usage or operational error. JSON goes to stdout as one
+document; human text and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from trainguard import __version__
+from trainguard.errors import Error, Severity, UnsafeCheckpointError
+
+EXIT_CLEAN = 0
+EXIT_FINDINGS = 1
+EXIT_ERROR = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _format_option(*choices: str) -> Callable[[F], F]:
+    names = choices or ("text", "json")
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(names),
+        default="text",
+        show_default=True,
+        help="Output format: text on stderr, or one document on stdout.",
+    )
+
+
+def _say(line: str = "") -> None:
+    """Human text goes to stderr, so stdout stays clean for JSON."""
+    click.echo(line, err=True)
+
+
+def _emit_json(document: object) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trainguard")
+def cli() -> None:
+    """trainguard: protect training jobs from sabotage.
+
+    Each command returns its exit status; see ``main``.
+    """
+
+
+# --- model files: scan, convert --------------------------------------------------------
+
+
+_VERDICT_STYLE = {
+    "SAFE": "green",
+    "UNSAFE": "red",
+    "UNVERIFIABLE": "yellow",
+    "UNSUPPORTED": "yellow",
+}
+
+
+def _progress_callback() -> tuple[Callable[[str, int], None], Callable[[], None]]:
+    """A progress bar on stderr that appears only on a terminal, after half a second."""
+    import time
+
+    started = time.monotonic()
+    state: dict[str, Any] = {}
+
+    def update(path: str, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        if "bar" not in state:
+            if time.monotonic() - started < 0.5:
+                return
+            from rich.console import Console
+            from rich.progress import Progress
+
+            bar = Progress(console=Console(stderr=True), transient=True)
+            bar.start()
+            state["bar"] = bar
+            state["task"] = bar.add_task("scanning", total=total)
+        state["bar"].update(state["task"], advance=1, description=path[-40:])
+
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].stop()
+
+    return update, close
+
+
+def _scan_text(report: Any, verbose: bool) -> None:
+    for file in report.files:
+        verdict = click.style(f"{file.verdict.value:<12}", fg=_VERDICT_STYLE[file.verdict.value])
+        reasons = [
+            f"{f.message} [{f.location}]" if f.location else f.message
+            for f in file.findings
+            if f.severity >= (Severity.INFO if verbose else Severity.LOW)
+            or file.verdict.value == "UNSUPPORTED"
+        ]
+        shown = reasons if verbose else reasons[:3]
+        more = f"; +{len(reasons) - 3} more" if not verbose and len(reasons) > 3 else ""
+        detail = f": {'; '.join(shown)}{more}" if shown else ""
+        _say(f"{verdict} {file.path} ({file.format}){detail}")
+    for error in report.errors:
+        _say(f"{click.style('ERROR', fg='red'):<12} {error}")
+    counts = report.counts()
+    summary = ", ".join(f"{n} {v.lower()}" for v, n in counts.items() if n)
+    _say(f"scanned {len(report.files)} file(s): {summary or 'nothing to scan'}")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@_format_option("text", "json", "sarif")
+@click.option("-v", "--verbose", is_flag=True, help="List every finding, not the first three.")
+def scan(paths: tuple[str, ...], fmt: str, verbose: bool) -> int:
+    """Statically check model files and folders (recursively); PATH may be - for stdin.
+
+    Exit status: 0 all safe, 1 something unsafe, unverifiable or unsupported,
+    2 a path could not be read.
+    """
+    from trainguard.artifacts.scanner import scan_paths
+
+    update, close = _progress_callback()
+    try:
+        report = scan_paths(list(paths), progress=update)
+    finally:
+        close()
+    if fmt == "json":
+        _emit_json(report.to_dict())
+    elif fmt == "sarif":
+        from trainguard.artifacts.sarif import to_sarif
+
+        _emit_json(to_sarif(report))
+    else:
+        _scan_text(report, verbose)
+    if report.errors:
+        return EXIT_ERROR
+    return EXIT_CLEAN if report.safe else EXIT_FINDINGS
+
+
+@cli.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The .safetensors file to write.",
+)
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@_format_option()
+def convert(source: str, output: str, force: bool, fmt: str) -> int:
+    """Load SOURCE with the safe loader and write it as safetensors.
+
+    Non-tensor entries (epoch, config, optimizer hyperparameters) are kept as JSON in the
+    file's metadata. Exit status: 0 written, 1 SOURCE is unsafe or unverifiable, 2 error.
+    """
+    from trainguard.artifacts.convert import convert as run_convert
+
+    try:
+        result = run_convert(source, output, force=force)
+    except UnsafeCheckpointError as refused:
+        if fmt == "json":
+            _emit_json(
+                {
+                    "input": source,
+                    "output": None,
+                    "refused": True,
+                    "findings": [f.to_dict() for f in refused.findings],
+                }
+            )
+        else:
+            _say(f"refused: {source} is not safe to load; nothing written")
+            for finding in refused.findings:
+                where = f" [{finding.location}]" if finding.location else ""
+                _say(f"  {finding.severity.name:<8} {finding.message}{where}")
+        return EXIT_FINDINGS
+    if fmt == "json":
+        _emit_json(
+            {
+                "input": source,
+                "output": result.output,
+                "refused": False,
+                "tensors": result.tensors,
+                "aliases": result.aliases,
+                "copied_views": result.copied_views,
+                "bytes": result.bytes_written,
+            }
+        )
+    else:
+        _say(f"wrote {result.output}: {result.tensors} tensors, {result.bytes_written} bytes")
+        for alias, target in result.aliases.items():
+            _say(f"  {alias} shares {target} (tied): stored once")
+        for group in result.copied_views:
+            _say(f"  {', '.join(group)} shared one storage: stored as separate copies")
+    return EXIT_CLEAN
+
+
+# --- environment integrity: keygen, seal, verify-env ----------------------------------
+
+
+class _LazyProgress:
+    """A rich bar on stderr that appears only on a TTY and once the work passes 1 s."""
+
+    def __init__(self, label: str) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._start = self._clock()
+        self._label = label
+        self._bar: Any = None
+        self._task: Any = None
+        self._on = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._on:
+            return
+        if self._bar is None:
+            if self._clock() - self._start < 1.0:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+            self._bar = Progress(
+                "{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self._label, total=total)
+        self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _split_names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+_allow_option = click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="GLOB|@FILE",
+    help="Known benign difference: a glob on the path or file name, or @FILE of globs. "
+    "Allowed entries are still listed, under 'allowed'.",
+)
+_site_option = click.option(
+    "--site-packages",
+    "site_packages",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Site directory to check (repeatable); default: this interpreter's.",
+)
+_packages_option = click.option(
+    "--packages", metavar="N,...", help="Distributions to check, comma-separated."
+)
+_all_packages_option = click.option(
+    "--all-packages", is_flag=True, help="Every distribution on the site directories."
+)
+_workers_option = click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Hashing threads."
+)
+
+
+@cli.command()
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False))
+@_format_option()
+def keygen(out_dir: str, fmt: str) -> int:
+    """Write an ed25519 key pair into DIR (private key mode 0600); never overwrites."""
+    from trainguard.integrity import keygen as make_keys
+
+    private, public = make_keys(out_dir)
+    if fmt == "json":
+        _emit_json({"private_key": str(private), "public_key": str(public)})
+    else:
+        _say(f"private key: {private} (mode 0600, keep it to yourself)")
+        _say(f"public key:  {public}")
+    return EXIT_CLEAN
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@_packages_option
+@_all_packages_option
+@click.option("--key", required=True, type=click.Path(dir_okay=False), help="Private key.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@_site_option
+@_allow_option
+@_workers_option
+@_format_option()
+def seal(
+    paths: tuple[str, ...],
+    packages: str | None,
+    all_packages: bool,
+    key: str,
+    output: str,
+    site_packages: tuple[str, ...],
+    allow: tuple[str, ...],
+    workers: int | None,
+    fmt: str,
+) -> int:
+    """Write a signed manifest of PATHS and installed distributions."""
+    from trainguard.integrity import seal as do_seal
+
+    bar = _LazyProgress("sealing")
+    try:
+        written = do_seal(
+            list(paths),
+            key=key,
+            output=output,
+            packages=_split_names(packages),
+            all_packages=all_packages,
+            site_packages=list(site_packages) or None,
+            allow=allow,
+            workers=workers,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    if fmt == "json":
+        _emit_json({"manifest": str(written)})
+    else:
+        _say(f"sealed: {written}")
+    return EXIT_CLEAN
+
+
+@cli.command("verify-env")
+@click.argument("manifest", required=False, type=click.Path(dir_okay=False))
+@click.option("--pubkey", type=click.Path(dir_okay=False), help="Public key of the sealer.")
+@_packages_option
+@_all_packages_option
+@_site_option
+@_allow_option
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="Trust unchanged (device, inode, size, mtime, ctime) instead of re-hashing.",
+)
+@_workers_option
+@_format_option()
+def verify_env(
+    manifest: str | None,
+    pubkey: str | None,
+    packages: str | None,
+    all_packages: bool,
+    site_packages: tuple[str, ...],
+    allow: tuple[str, ...],
+    fast: bool,
+    workers: int | None,
+    fmt: str,
+) -> int:
+    """Drift against MANIFEST, or installed distributions against their RECORD."""
+    from trainguard.integrity import verify_environment
+
+    bar = _LazyProgress("verifying")
+    try:
+        report = verify_environment(
+            manifest,
+            public_key=pubkey,
+            packages=_split_names(packages),
+            all_packages=all_packages,
+            site_packages=list(site_packages) or None,
+            allow=allow,
+            fast=fast,
+            workers=workers,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    if fmt == "json":
+        _emit_json(report.to_dict())
+    else:
+        if report.manifest is not None:
+            _say(f"signature: {report.signature} (trusted key {report.signer})")
+        for d in report.drift:
+            change = f"{d.size_before} -> {d.size_after} bytes" if d.size_before is not None else ""
+            _say(f"{d.kind:16} {d.path}")
+            _say(
+                f"{'':16}   {d.detail}; owner {d.owner}, mtime {d.mtime}, ctime {d.ctime} {change}"
+            )
+        for d in report.allowed:
+            _say(f"allowed ({d.allowed_by}): {d.kind} {d.path}")
+        for note in report.notes:
+            _say(f"note: {note}")
+        verdict = "clean" if report.clean else f"{len(report.drift)} drift"
+        _say(
+            f"{verdict}: {report.files_checked} files in {', '.join(report.distributions) or '-'}"
+            f", {report.bytes_hashed / 1e6:.1f} MB hashed in {report.seconds:.2f} s"
+        )
+    return EXIT_CLEAN if report.clean else EXIT_FINDINGS
+
+
+# --- entry points -------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv``; return the exit status instead of exiting."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = cli.main(args=args, prog_name="trainguard", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return int(done.exit_code)
+    except click.UsageError as exc:
+        exc.show()
+        return EXIT_ERROR
+    except click.Abort:
+        _say("trainguard: aborted")
+        return EXIT_ERROR
+    except Error as exc:
+        _say(f"trainguard: error: {exc}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _say("trainguard: interrupted")
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+    return status if isinstance(status, int) else EXIT_CLEAN
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Installed distributions and their RECORD: which files they own, and whether those
+files still hash to what pip wrote down at install time.
+
+RECORD covers the files a wheel installed. Beyond it this module finds files inside a
+distribution's top-level folders that no distribution on the same site directory
+records (a new ``.py`` dropped into ``torch/``), and hands every ``__pycache__`` file
+to :mod:`trainguard.integrity.pycache`.
+
+RECORD is only as trustworthy as the directory holding it: whoever can rewrite
+``torch/`` can usually rewrite ``torch-*.dist-info/RECORD`` too. It catches careless
+and partial tampering in seconds with no setup; a sealed, signed manifest
+(:mod:`trainguard.integrity.manifest`) is the check that holds against a careful
+attacker.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import os
+import re
+import site
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+
+from trainguard.integrity.hashing import RECORD_ALGORITHMS, Algorithm, hash_files
+from trainguard.integrity.interface import (
+    Drift,
+    IntegrityError,
+    ProgressCallback,
+)
+from trainguard.integrity.pycache import check_pycs
+
+
+@dataclass(frozen=True)
+class RecordEntry:
+    path: str  # absolute, normalised
+    digest: str | None  # "sha256=..." as in RECORD, or None when RECORD gives none
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Installed:
+    """One installed distribution: where it lives and what its RECORD says it owns."""
+
+    name: str  # canonical: lower case, runs of -_. as one -
+    version: str
+    site: str
+    entries: tuple[RecordEntry, ...]
+    folders: tuple[str, ...]  # top-level directories it installed into (absolute)
+
+    def recorded(self) -> frozenset[str]:
+        return frozenset(e.path for e in self.entries)
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def default_site_dirs() -> list[str]:
+    """The running interpreter's site-packages directories (and user site if enabled)."""
+    dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.append(site.getusersitepackages())
+    return [os.path.realpath(d) for d in dirs if os.path.isdir(d)]
+
+
+def installed(site_dirs: Sequence[str]) -> list[Installed]:
+    """Every distribution with a RECORD in ``site_dirs``, first one found per name."""
+    found: dict[str, Installed] = {}
+    for site_dir in site_dirs:
+        real = os.path.realpath(site_dir)
+        for dist in metadata.distributions(path=[real]):
+            name = dist.metadata["Name"]
+            if not name:
+                continue
+            key = canonical(name)
+            if key in found:
+                continue
+            text = dist.read_text("RECORD")
+            if text is None:
+                continue
+            entries = tuple(_parse_record(text, real))
+            found[key] = Installed(key, dist.version, real, entries, _folders(entries, real))
+    return sorted(found.values(), key=lambda d: d.name)
+
+
+def select(dists: Sequence[Installed], names: Iterable[str] | None) -> list[Installed]:
+    """The distributions called ``names`` (all when None); an unknown name is an error."""
+    if names is None:
+        return list(dists)
+    by_name = {d.name: d for d in dists}
+    chosen = []
+    for raw in names:
+        dist = by_name.get(canonical(raw))
+        if dist is None:
+            raise IntegrityError(f"distribution {raw!r} is not installed in the checked site dirs")
+        chosen.append(dist)
+    return chosen
+
+
+def _parse_record(text: str, site_dir: str) -> Iterable[RecordEntry]:
+    for row in csv.reader(io.StringIO(text)):
+        if not row or not row[0]:
+            continue
+        rel = row[0]
+        digest = row[1] if len(row) > 1 and row[1] else None
+        size = int(row[2]) if len(row) > 2 and row[2].isdigit() else None
+        yield RecordEntry(os.path.normpath(os.path.join(site_dir, rel)), digest, size)
+
+
+def _folders(entries: Sequence[RecordEntry], site_dir: str) -> tuple[str, ...]:
+    return top_folders((e.path for e in entries), site_dir)
+
+
+def top_folders(paths: Iterable[str], site_dir: str) -> tuple[str, ...]:
+    """The top-level directories of ``site_dir`` that ``paths`` lie in (no symlinks)."""
+    prefix = site_dir.rstrip(os.sep) + os.sep
+    firsts: set[str] = set()
+    for path in paths:
+        # String slicing, not relpath: this runs for every line of every RECORD.
+        if not path.startswith(prefix):
+            continue
+        first, sep, _ = path[len(prefix) :].partition(os.sep)
+        if sep and first != "__pycache__":
+            firsts.add(first)
+    tops = (os.path.join(site_dir, f) for f in firsts)
+    return tuple(sorted(t for t in tops if os.path.isdir(t) and not os.path.islink(t)))
+
+
+def walk(folder: str) -> Iterable[str]:
+    """Every non-directory under ``folder``; symlinks (to directories too) are not followed."""
+    for here, dirs, files in os.walk(folder, followlinks=False):
+        for d in dirs:
+            full = os.path.join(here, d)
+            if os.path.islink(full):
+                yield full
+        for f in files:
+            yield os.path.join(here, f)
+
+
+def is_cache_file(path: str) -> bool:
+    return path.endswith(".pyc") and os.path.basename(os.path.dirname(path)) == "__pycache__"
+
+
+def owned_files(dist: Installed, everyone: frozenset[str]) -> tuple[list[str], list[str]]:
+    """(files on disk that belong to ``dist``'s folders, of those the ones no RECORD lists).
+
+    Files recorded elsewhere on the same site dir (a shared namespace folder) are
+    skipped: they belong to their own distribution.
+    """
+    mine = dist.recorded()
+    present: list[str] = [e.path for e in dist.entries if os.path.lexists(e.path)]
+    unrecorded: list[str] = []
+    for folder in dist.folders:
+        for path in walk(folder):
+            if path in mine:
+                continue
+            if path in everyone:
+                continue
+            present.append(path)
+            unrecorded.append(path)
+    # Cache files of top-level single-file modules live in site-packages/__pycache__.
+    for e in dist.entries:
+        if e.path.endswith(".py") and os.path.dirname(e.path) == dist.site:
+            for opt in ("", 1, 2):
+                pyc = _cache_path(e.path, opt)
+                if pyc and pyc not in mine and os.path.lexists(pyc):
+                    present.append(pyc)
+    return present, unrecorded
+
+
+def _cache_path(source: str, opt: str | int) -> str | None:
+    try:
+        return importlib.util.cache_from_source(source, optimization=opt)
+    except NotImplementedError:
+        return None
+
+
+def check_record(
+    dists: Sequence[Installed],
+    everyone: frozenset[str],
+    *,
+    workers: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[list[Drift], int, int, list[str]]:
+    """Verify ``dists`` against their RECORD. Returns (drift, files, bytes, notes)."""
+    drift: list[Drift] = []
+    notes: list[str] = []
+    by_algo: dict[str, list[RecordEntry]] = {}
+    owner: dict[str, str] = {}
+    pycs: list[str] = []
+    files = 0
+    for dist in dists:
+        present, unrecorded = owned_files(dist, everyone)
+        files += len(set(present))
+        for e in dist.entries:
+            owner[e.path] = dist.name
+            if e.digest is None:
+                continue
+            algo = e.digest.split("=", 1)[0]
+            if algo not in RECORD_ALGORITHMS:
+                notes.append(f"{dist.name}: {e.path} recorded with hash {algo!r}, not checked")
+                continue
+            by_algo.setdefault(algo, []).append(e)
+        for path in present:
+            owner.setdefault(path, dist.name)
+            if is_cache_file(path):
+                pycs.append(path)
+        drift.extend(
+            Drift.at("added", path, dist.name, "file recorded by no distribution")
+            for path in unrecorded
+            if not is_cache_file(path)
+        )
+    hashed = 0
+    for algo, entries in by_algo.items():
+        sizes = [e.size or 0 for e in entries]
+        result = hash_files(
+            [e.path for e in entries],
+            _algorithm(algo),
+            sizes=sizes,
+            workers=workers,
+            progress=progress,
+        )
+        hashed += result.bytes_hashed
+        for e in entries:
+            got = result.digests.get(e.path)
+            if got is None:
+                if not os.path.lexists(e.path):
+                    drift.append(
+                        Drift.at(
+                            "removed",
+                            e.path,
+                            owner[e.path],
+                            "recorded file is gone",
+                            size_before=e.size,
+                        )
+                    )
+                else:
+                    why = result.errors.get(e.path, "unreadable")
+                    drift.append(
+                        Drift.at("modified", e.path, owner[e.path], f"cannot be read: {why}")
+                    )
+            elif got[0] != e.digest or (e.size is not None and got[1] != e.size):
+                drift.append(
+                    Drift.at(
+                        "modified",
+                        e.path,
+                        owner[e.path],
+                        "content differs from RECORD",
+                        size_before=e.size,
+                    )
+                )
+    drift.extend(pyc_drift(sorted(set(pycs)), owner, workers=workers))
+    return drift, files, hashed, notes
+
+
+def _algorithm(name: str) -> Algorithm:
+    if name == "sha256":
+        return "sha256"
+    if name == "sha384":
+        return "sha384"
+    return "sha512"
+
+
+def pyc_drift(pycs: Sequence[str], owner: dict[str, str], *, workers: int | None) -> list[Drift]:
+    """Drift entries for cache files whose code is not their source's, or that lack one."""
+    out: list[Drift] = []
+    for v in check_pycs(pycs, workers=workers):
+        root = owner.get(v.pyc, "")
+        if v.verdict == "mismatch":
+            out.append(Drift.at("pyc-mismatch", v.pyc, root, f"{v.detail} ({v.source})"))
+        elif v.verdict == "no-source":
+            out.append(Drift.at("pyc-orphan", v.pyc, root, v.detail))
+        elif v.verdict == "unverifiable":
+            out.append(
+                Drift.at(
+                    "pyc-unverifiable",
+                    v.pyc,
+                    root,
+                    f"{v.detail} ({sys.implementation.cache_tag}); check it with the "
+                    "interpreter that wrote it, or delete it",
+                )
+            )
+    return out
