@@ -66,33 +66,51 @@ _VERDICT_STYLE = {
 }
 
 
-def _progress_callback() -> tuple[Callable[[str, int], None], Callable[[], None]]:
-    """A progress bar on stderr that appears only on a terminal, after half a second."""
-    import time
+class _LazyProgress:
+    """A rich bar on stderr that appears only on a TTY and once the work passes ``delay`` s."""
 
-    started = time.monotonic()
-    state: dict[str, Any] = {}
+    def __init__(self, label: str, delay: float = 1.0, *, counts_bytes: bool = True) -> None:
+        import time
 
-    def update(path: str, total: int) -> None:
-        if not sys.stderr.isatty():
+        self._clock = time.monotonic
+        self._start = self._clock()
+        self._label = label
+        self._bar: Any = None
+        self._task: Any = None
+        self._delay = delay
+        self._counts_bytes = counts_bytes
+        self._on = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._on:
             return
-        if "bar" not in state:
-            if time.monotonic() - started < 0.5:
+        if self._bar is None:
+            if self._clock() - self._start < self._delay:
                 return
             from rich.console import Console
-            from rich.progress import Progress
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                MofNCompleteColumn,
+                Progress,
+                TimeRemainingColumn,
+            )
 
-            bar = Progress(console=Console(stderr=True), transient=True)
-            bar.start()
-            state["bar"] = bar
-            state["task"] = bar.add_task("scanning", total=total)
-        state["bar"].update(state["task"], advance=1, description=path[-40:])
+            self._bar = Progress(
+                "{task.description}",
+                BarColumn(),
+                DownloadColumn() if self._counts_bytes else MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self._label, total=total)
+        self._bar.update(self._task, completed=done, total=total)
 
-    def close() -> None:
-        if "bar" in state:
-            state["bar"].stop()
-
-    return update, close
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
 
 def _scan_text(report: Any, verbose: bool) -> None:
@@ -127,11 +145,11 @@ def scan(paths: tuple[str, ...], fmt: str, verbose: bool) -> int:
     """
     from trainguard.artifacts.scanner import scan_paths
 
-    update, close = _progress_callback()
+    bar = _LazyProgress("scanning", delay=0.5, counts_bytes=False)
     try:
-        report = scan_paths(list(paths), progress=update)
+        report = scan_paths(list(paths), progress=bar)
     finally:
-        close()
+        bar.close()
     if fmt == "json":
         _emit_json(report.to_dict())
     elif fmt == "sarif":
@@ -204,45 +222,6 @@ def convert(source: str, output: str, force: bool, fmt: str) -> int:
 
 
 # --- environment integrity: keygen, seal, verify-env ----------------------------------
-
-
-class _LazyProgress:
-    """A rich bar on stderr that appears only on a TTY and once the work passes 1 s."""
-
-    def __init__(self, label: str) -> None:
-        import time
-
-        self._clock = time.monotonic
-        self._start = self._clock()
-        self._label = label
-        self._bar: Any = None
-        self._task: Any = None
-        self._on = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self._on:
-            return
-        if self._bar is None:
-            if self._clock() - self._start < 1.0:
-                return
-            from rich.console import Console
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-            self._bar = Progress(
-                "{task.description}",
-                BarColumn(),
-                DownloadColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task(self._label, total=total)
-        self._bar.update(self._task, completed=done, total=total)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 def _split_names(value: str | None) -> list[str] | None:

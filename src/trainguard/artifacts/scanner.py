@@ -20,8 +20,8 @@ from trainguard.artifacts.formats.archives import ZipFormat, has_trailing_zip
 from trainguard.artifacts.interface import Analysis, FileReport, FormatError, ScanReport
 from trainguard.errors import InputError, Severity
 
-#: Called before each file is scanned, with the file's path and the number of files.
-Progress = Callable[[str, int], None]
+#: Called after each file is scanned, with the number done and the number of files.
+Progress = Callable[[int, int], None]
 
 STDIN = "-"
 
@@ -150,9 +150,7 @@ def scan_paths(
     """Scan files and folders; unreadable paths are listed in ``errors``, not raised."""
     files, errors = collect(paths)
     reports: list[FileReport] = []
-    for path in files:
-        if progress is not None:
-            progress(path, len(files))
+    for done, path in enumerate(files, 1):
         try:
             if path == STDIN:
                 reports.append(scan_bytes(sys.stdin.buffer.read()))
@@ -160,4 +158,6 @@ def scan_paths(
                 reports.append(scan_file(path))
         except InputError as exc:
             errors.append(str(exc))
+        if progress is not None:
+            progress(done, len(files))
     return ScanReport(tuple(reports), tuple(errors))
