@@ -159,3 +159,22 @@ def test_deep_marks_unbalanced():
 def test_plain_containers_are_safe_in_every_protocol(protocol):
     value = {"a": [1, 2.5, None, True], "b": ("x", b"y"), "c": {3}, "d": frozenset({4}), 5: 1j}
     assert analyse(pickle.dumps(value, protocol=protocol)).verdict is Verdict.SAFE
+
+
+def test_build_planting_setstate_then_calling_it():
+    """Two BUILDs on one OrderedDict: the first stores an instance ``__setstate__`` (an
+    allowlisted callable), the second calls it with arbitrary arguments, bypassing the
+    argument checks (the shape of fickling's ``__setstate__`` injection)."""
+    data = (
+        b"\x80\x02ccollections\nOrderedDict\n)R"
+        b"}X\x0c\x00\x00\x00__setstate__c_codecs\nencode\nsb"
+        b"X\x04\x00\x00\x00textb."
+    )
+    found = messages(analyse(data))
+    assert "special attribute" in found
+    assert "second BUILD" in found
+
+
+def test_build_with_slot_state_on_an_ordered_dict():
+    data = b"\x80\x02ccollections\nOrderedDict\n)RN}X\x01\x00\x00\x00aK\x01s\x86b."
+    assert "non-dict state" in messages(analyse(data))

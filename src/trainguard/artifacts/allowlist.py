@@ -21,8 +21,10 @@ class Rule:
     """What a pickle may do with one allowed global."""
 
     call: bool = False
-    #: BUILD may run on the objects the call returns (their __setstate__ is known safe)
+    #: BUILD with a dict state may set plain attributes on the objects the call returns
     build: bool = False
+    #: the returned objects' own __setstate__ accepts any state safely (arrays, tensors)
+    setstate: bool = False
     #: SETITEM(S) may run on the objects the call returns
     items: bool = False
 
@@ -51,7 +53,7 @@ _REBUILD = (
     "_rebuild_wrapper_subclass"
 ).split()
 
-TENSOR_RESULT = Rule(call=True, build=True)
+TENSOR_RESULT = Rule(call=True, build=True, setstate=True)
 
 
 def _torch_rules() -> dict[str, Rule]:
@@ -88,11 +90,11 @@ def _torch_rules() -> dict[str, Rule]:
 def _numpy_rules() -> dict[str, Rule]:
     rules: dict[str, Rule] = {}
     for core in ("numpy.core", "numpy._core"):
-        rules[f"{core}.multiarray._reconstruct"] = Rule(call=True, build=True)
+        rules[f"{core}.multiarray._reconstruct"] = Rule(call=True, build=True, setstate=True)
         rules[f"{core}.multiarray.scalar"] = CALL
         rules[f"{core}.numeric._frombuffer"] = CALL
     rules["numpy.ndarray"] = VALUE
-    rules["numpy.dtype"] = Rule(call=True, build=True)
+    rules["numpy.dtype"] = Rule(call=True, build=True, setstate=True)
     return rules
 
 

@@ -255,6 +255,27 @@ class PickleAnalyser:
             return
         assert isinstance(target, Made)
         assert isinstance(target.callee, Global)
+        if target.state is not None:
+            # a first BUILD can plant an instance __setstate__ that a second one calls
+            self.finding(Severity.HIGH, f"second BUILD on {_describe(target)}", offset)
+        is_dict = isinstance(state, Container) and state.kind == "dict"
+        if (
+            not rule.setstate
+            and not is_dict
+            and not (isinstance(state, Const) and state.value is None)
+        ):
+            self.finding(
+                Severity.HIGH,
+                f"BUILD with a non-dict state on {_describe(target)} (sets attributes)",
+                offset,
+            )
+        if is_dict and not rule.setstate:
+            assert isinstance(state, Container)
+            keys = [const for const in state.items[::2] if isinstance(const, Const)]
+            if any(isinstance(k.value, str) and k.value.startswith("__") for k in keys):
+                self.finding(
+                    Severity.HIGH, f"BUILD sets a special attribute on {_describe(target)}", offset
+                )
         target.state = state
         if self.build_hook is not None and target.callee.module == "joblib.numpy_pickle":
             self.reader.pos = self.build_hook(target, self.reader.pos)
