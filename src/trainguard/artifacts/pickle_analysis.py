@@ -405,11 +405,6 @@ def _dup(a: PickleAnalyser, arg: object, offset: int) -> None:
     a.stack.append(a.top(offset))
 
 
-@_on("EMPTY_TUPLE")
-def _empty_tuple(a: PickleAnalyser, arg: object, offset: int) -> None:
-    a.stack.append(Container("tuple"))
-
-
 def _tuple_of(n: int) -> Handler:
     def handler(a: PickleAnalyser, arg: object, offset: int) -> None:
         items = [a.pop(offset) for _ in range(n)]
@@ -422,24 +417,31 @@ def _tuple_of(n: int) -> Handler:
 _HANDLERS.update({"TUPLE1": _tuple_of(1), "TUPLE2": _tuple_of(2), "TUPLE3": _tuple_of(3)})
 
 
-@_on("TUPLE")
-def _tuple(a: PickleAnalyser, arg: object, offset: int) -> None:
-    a.stack.append(Container("tuple", a.pop_mark(offset)))
+def _empty(kind: str) -> Handler:
+    def handler(a: PickleAnalyser, arg: object, offset: int) -> None:
+        a.stack.append(Container(kind))
+
+    return handler
 
 
-@_on("EMPTY_LIST")
-def _empty_list(a: PickleAnalyser, arg: object, offset: int) -> None:
-    a.stack.append(Container("list"))
+def _from_mark(kind: str) -> Handler:
+    def handler(a: PickleAnalyser, arg: object, offset: int) -> None:
+        a.stack.append(Container(kind, a.pop_mark(offset)))
+
+    return handler
 
 
-@_on("LIST")
-def _list(a: PickleAnalyser, arg: object, offset: int) -> None:
-    a.stack.append(Container("list", a.pop_mark(offset)))
-
-
-@_on("EMPTY_DICT")
-def _empty_dict(a: PickleAnalyser, arg: object, offset: int) -> None:
-    a.stack.append(Container("dict"))
+_HANDLERS.update(
+    {
+        "EMPTY_TUPLE": _empty("tuple"),
+        "EMPTY_LIST": _empty("list"),
+        "EMPTY_DICT": _empty("dict"),
+        "EMPTY_SET": _empty("set"),
+        "TUPLE": _from_mark("tuple"),
+        "LIST": _from_mark("list"),
+        "FROZENSET": _from_mark("frozenset"),
+    }
+)
 
 
 @_on("DICT")
@@ -448,16 +450,6 @@ def _dict(a: PickleAnalyser, arg: object, offset: int) -> None:
     if len(items) % 2:
         raise FormatError("odd number of items for DICT", member=a.member, offset=offset)
     a.stack.append(Container("dict", items))
-
-
-@_on("EMPTY_SET")
-def _empty_set(a: PickleAnalyser, arg: object, offset: int) -> None:
-    a.stack.append(Container("set"))
-
-
-@_on("FROZENSET")
-def _frozenset(a: PickleAnalyser, arg: object, offset: int) -> None:
-    a.stack.append(Container("frozenset", a.pop_mark(offset)))
 
 
 @_on("APPEND")
