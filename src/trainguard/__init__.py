@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "Error",
+    "Guard",
+    "GuardHalt",
     "Finding",
     "InputError",
     "Severity",
@@ -35,8 +37,20 @@ __all__ = [
     "UsageError",
     "__version__",
     "load",
+    "protect_signals",
     "scan",
 ]
+
+_RUNTIME = ("Guard", "GuardHalt", "protect_signals")
+
+
+def __getattr__(name: str) -> Any:
+    # the runtime imports torch: only when asked for, so the CLI starts fast
+    if name in _RUNTIME:
+        from trainguard import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'trainguard' has no attribute {name!r}")
 
 
 def scan(path: str | Any) -> ScanReport:

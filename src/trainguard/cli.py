@@ -384,6 +384,158 @@ def verify_env(
     return EXIT_CLEAN if report.clean else EXIT_FINDINGS
 
 
+# --- ledger: verify, head, show ---
+
+
+@cli.group()
+def ledger() -> None:
+    """The run's tamper-evident event log (see docs/ledger.md and docs/keys.md)."""
+
+
+@ledger.command("init")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--key", required=True, type=click.Path(dir_okay=False), help="Owner's private key.")
+@click.option("--run-id", default=None, help="Run id (default: time and random).")
+@click.option("--valid-days", type=click.FloatRange(min=0.001), default=30.0, show_default=True)
+@click.option("--postgres", "dsn", default=None, metavar="DSN", help="Use PostgreSQL at DSN.")
+@_format_option()
+def ledger_init(
+    run_dir: str, key: str, run_id: str | None, valid_days: float, dsn: str | None, fmt: str
+) -> int:
+    """Start (or resume) RUN_DIR: a run key certified by the owner's key.
+
+    Run it in the launcher, where the owner's key is; the training processes then open
+    the ledger with the run key only.
+    """
+    import datetime
+
+    from trainguard.ledger import Ledger
+
+    with Ledger.create(
+        run_dir,
+        owner_key=key,
+        run_id=run_id,
+        valid_for=datetime.timedelta(days=valid_days),
+        backend="postgres" if dsn else "sqlite",
+        dsn=dsn,
+    ) as opened:
+        cert = opened.certificate
+        entry = opened.certificate_entry()
+    if fmt == "json":
+        _emit_json({"run_id": cert.run_id, "seq": entry.seq, "certificate": cert.to_payload()})
+    else:
+        _say(f"run {cert.run_id}: run key {cert.run_key_id} certified by {cert.owner_key_id}")
+        _say(f"valid until {cert.not_after}; certificate is entry {entry.seq}")
+    return EXIT_CLEAN
+
+
+@ledger.command("verify")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--head",
+    "heads",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A head kept elsewhere (repeatable); detects truncation and rewrites.",
+)
+@click.option("--pubkey", type=click.Path(dir_okay=False), help="The owner's public key.")
+@click.option("--require-closed", is_flag=True, help="Exit 1 if the run has no closing entry.")
+@_format_option()
+def ledger_verify(
+    run_dir: str, heads: tuple[str, ...], pubkey: str | None, require_closed: bool, fmt: str
+) -> int:
+    """Check RUN_DIR's chain, signatures and certificates, and against heads kept elsewhere.
+
+    Exit status: 0 intact (also a run without its closing entry, which is still running
+    or crashed; --require-closed makes that 1), 1 tampered, 2 error.
+    """
+    from trainguard.ledger import verify
+
+    report = verify(run_dir, heads=heads, owner_public_key=pubkey)
+    if fmt == "json":
+        _emit_json(report.to_dict())
+    else:
+        for problem in report.problems:
+            _say(
+                f"{click.style(problem.damage, fg='red'):<18} seq {problem.seq}: {problem.message}"
+            )
+        if report.problems_omitted:
+            _say(f"... and {report.problems_omitted} more problems")
+        for note in report.notes:
+            _say(f"note: {note}")
+        where = f"; first bad entry: {report.first_bad_seq}" if report.tampered else ""
+        _say(
+            f"{report.verdict.upper()}: run {report.run_id or '?'}, {report.entries} entries, "
+            f"last seq {report.last_seq}, {'closed' if report.closed else 'not closed'}{where}"
+        )
+    if report.tampered or (require_closed and not report.closed):
+        return EXIT_FINDINGS
+    return EXIT_CLEAN
+
+
+@ledger.command("head")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write it to FILE.")
+@_format_option()
+def ledger_head(run_dir: str, output: str | None, fmt: str) -> int:
+    """Print the signed head of RUN_DIR (one line): keep it elsewhere, verify against it."""
+    from trainguard.errors import UsageError
+    from trainguard.ledger import open_backend
+    from trainguard.ledger.core import head_of
+
+    store = open_backend(run_dir, readonly=True)
+    try:
+        head = head_of(store)
+    finally:
+        store.close()
+    if output:
+        try:
+            with open(output, "w", encoding="utf-8") as handle:
+                handle.write(head.to_line() + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {output}: {exc.strerror}") from exc
+    if fmt == "json":
+        _emit_json(head.to_dict())
+    else:
+        _say(head.to_line())
+    return EXIT_CLEAN
+
+
+@ledger.command("show")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--kind", "kinds", multiple=True, help="Only entries of this kind (repeatable).")
+@_format_option()
+def ledger_show(run_dir: str, kinds: tuple[str, ...], fmt: str) -> int:
+    """List RUN_DIR's entries (not verified: run `ledger verify` for that)."""
+    from trainguard.ledger import open_backend
+
+    store = open_backend(run_dir, readonly=True)
+    try:
+        entries = [e for e in store.entries() if not kinds or e.kind in kinds]
+    finally:
+        store.close()
+    if fmt == "json":
+        _emit_json({"entries": [e.to_dict() for e in entries]})
+        return EXIT_CLEAN
+    for entry in entries:
+        data = entry.to_dict()
+        actor = data["actor"]
+        who = (
+            f"{actor['user']}@{actor['host']} pid {actor['pid']}"
+            + (f" rank {actor['rank']}" if actor.get("rank") is not None else "")
+            if isinstance(actor, dict)
+            else str(actor)
+        )
+        payload = (
+            entry.payload_json
+            if len(entry.payload_json) <= 120
+            else entry.payload_json[:117] + "..."
+        )
+        _say(f"{entry.seq:>6}  {entry.time}  {entry.kind:<18} {who}  {payload}")
+    _say(f"{len(entries)} entries")
+    return EXIT_CLEAN
+
+
 # --- entry points -------------------------------------------------------------------
 
 

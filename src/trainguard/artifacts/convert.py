@@ -191,6 +191,20 @@ def _dtype(name: str) -> Any:
     return dtype
 
 
+def encode_tree(obj: Any) -> tuple[dict[str, Any], Any]:
+    """Split a tensor tree into (named contiguous CPU tensors, tagged-JSON structure).
+
+    :func:`decode_structure` turns the pair back into the tree. Raises
+    :class:`CheckpointError` for values with no safe representation.
+    """
+    encoder = _Encoder()
+    try:
+        structure = encoder.encode(obj, "")
+    except RecursionError as exc:
+        raise CheckpointError("checkpoint nested too deeply to convert") from exc
+    return encoder.tensors, structure
+
+
 def save_safetensors(
     obj: Any, output: str | os.PathLike[str], *, force: bool = False
 ) -> ConvertResult:

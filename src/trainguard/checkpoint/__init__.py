@@ -1,0 +1,290 @@
+"""Signed checkpoints: ``save`` and ``load`` (what ``guard.save_checkpoint`` calls).
+
+    saved = checkpoint.save("ckpt/step-100.safetensors", model=model, optimizer=opt,
+                            step=100, data_position={"epoch": 1, "batch": 37},
+                            ledger=ledger)                  # or key="owner/trainguard.key"
+    done = checkpoint.load("ckpt/step-100.safetensors", model=model, optimizer=opt,
+                           public_key="owner/trainguard.pub")
+
+A checkpoint is one safetensors file: model, optimizer, ``extra`` and RNG states as
+tensors plus tagged JSON (never pickle), and a manifest signed by the owner's key or by
+a run key with its owner-signed certificate. ``load`` refuses, naming what differs,
+before it touches the model. See docs/ledger.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from trainguard.artifacts.convert import decode_structure, encode_tree
+from trainguard.checkpoint import rng as _rng
+from trainguard.checkpoint.signed_file import (
+    CheckpointIntegrityError,
+    CheckpointSignatureError,
+    CheckpointVerificationError,
+    Signer,
+)
+from trainguard.checkpoint.signed_file import read as _read
+from trainguard.checkpoint.signed_file import write as _write
+from trainguard.errors import CheckpointError, UsageError
+from trainguard.integrity import signing
+
+if TYPE_CHECKING:
+    from trainguard.ledger import Ledger
+
+__all__ = [
+    "CheckpointIntegrityError",
+    "CheckpointMismatchError",
+    "CheckpointSignatureError",
+    "CheckpointVerificationError",
+    "LoadedCheckpoint",
+    "SavedCheckpoint",
+    "load",
+    "save",
+]
+
+PrivateKeyLike = str | os.PathLike[str] | Ed25519PrivateKey
+PublicKeyLike = str | os.PathLike[str] | Ed25519PublicKey
+_PARTS = ("model", "optimizer", "extra", "rng")
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A genuine checkpoint that does not fit the model or optimizer it is loaded into."""
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """What :func:`save` wrote."""
+
+    path: str
+    bytes: int
+    tensors: int
+    manifest_hash: str
+    key_id: str
+    ledger_seq: int | None
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load` verified and restored.
+
+    ``model_state`` / ``optimizer_state`` are the state dicts (also when they were
+    loaded into the objects passed in); ``notes`` lists what could not be restored here
+    (CUDA RNG states on a machine without CUDA).
+    """
+
+    path: str
+    step: int | None
+    data_position: Any
+    extra: Any
+    model_state: Any
+    optimizer_state: Any
+    manifest_hash: str
+    signer_key_id: str
+    owner_key_id: str
+    run_id: str | None
+    ledger_seq: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _state(obj: Any) -> Any:
+    return obj.state_dict() if hasattr(obj, "state_dict") else obj
+
+
+def save(
+    path: str | os.PathLike[str],
+    *,
+    model: Any = None,
+    optimizer: Any = None,
+    extra: Any = None,
+    step: int | None = None,
+    data_position: Any = None,
+    rng: bool = True,
+    generators: Mapping[str, Any] | None = None,
+    key: PrivateKeyLike | None = None,
+    ledger: Ledger | None = None,
+) -> SavedCheckpoint:
+    """Write a signed checkpoint to ``path`` atomically (temporary file, then rename).
+
+    ``model`` / ``optimizer`` are modules and optimizers or their state dicts; ``extra``
+    is any tree of tensors and plain values (hyperparameters, scaler state);
+    ``data_position`` plain JSON (epoch, batch). ``rng`` saves every RNG state, plus the
+    named ``generators``. Signed with ``key`` (the owner's key) or, without it, with the
+    ``ledger``'s run key and certificate; with a ledger, a ``checkpoint.saved`` entry
+    records the manifest hash.
+    """
+    if key is None and ledger is None:
+        raise UsageError("sign the checkpoint: pass key= (owner key) or ledger= (run key)")
+    if key is not None:
+        private = key if isinstance(key, Ed25519PrivateKey) else signing.load_private(key)
+        signer = Signer(private)
+    else:
+        assert ledger is not None
+        signer = Signer(_ledger_key(ledger), ledger.certificate_entry())
+    trees = {
+        "model": _state(model),
+        "optimizer": _state(optimizer),
+        "extra": extra,
+        "rng": _rng.capture(generators) if rng else None,
+    }
+    tensors: dict[str, Any] = {}
+    structures: dict[str, Any] = {}
+    for part, tree in trees.items():
+        if tree is None:
+            continue
+        named, structures[part] = encode_tree(tree)
+        tensors.update({f"{part}/{name}": t for name, t in named.items()})
+    manifest = {
+        "step": step,
+        "data_position": data_position,
+        "parts": structures,
+        "run_id": ledger.run_id if ledger is not None else None,
+    }
+    target = Path(path)
+    size, digest = _write(target, tensors, manifest, signer)
+    key_id = signing.key_id(signer.key.public_key())
+    seq = None
+    if ledger is not None:
+        seq = ledger.append(
+            "checkpoint.saved",
+            {
+                "path": str(target.resolve()),
+                "manifest_blake3": digest,
+                "step": step,
+                "tensors": len(tensors),
+                "bytes": size,
+                "key_id": key_id,
+            },
+        ).seq
+    return SavedCheckpoint(str(target), size, len(tensors), digest, key_id, seq)
+
+
+def _ledger_key(ledger: Ledger) -> Ed25519PrivateKey:
+    key = ledger._run_key  # the checkpoint module is the run key's one other user
+    if key is None:
+        raise UsageError("the ledger was opened read-only or its run is closed; cannot sign")
+    return key
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    model: Any = None,
+    optimizer: Any = None,
+    public_key: PublicKeyLike | Sequence[PublicKeyLike] | None = None,
+    ledger: Ledger | None = None,
+    restore_rng: bool = True,
+    generators: Mapping[str, Any] | None = None,
+) -> LoadedCheckpoint:
+    """Verify ``path`` and restore it into ``model``, ``optimizer`` and the RNGs.
+
+    Trusted signers: the owner keys in ``public_key``, and the owner of ``ledger``'s run;
+    a run key counts when the checkpoint carries its certificate by a trusted owner.
+    Raises a :class:`CheckpointVerificationError` subclass naming what differs (bad
+    signature, untrusted key, changed, renamed or missing tensor) before anything is
+    restored, and :class:`CheckpointMismatchError` if it does not fit ``model``. With a
+    ledger, the outcome is recorded (``checkpoint.loaded`` or ``checkpoint.refused``).
+    """
+    trusted = _trusted(public_key, ledger)
+    where = str(Path(path))
+    try:
+        verified = _read(Path(path), trusted)
+    except CheckpointVerificationError as refused:
+        if ledger is not None:
+            ledger.append("checkpoint.refused", {"path": where, "reasons": list(refused.reasons)})
+        raise
+    parts = verified.manifest.get("parts") or {}
+    trees: dict[str, Any] = {}
+    for part in _PARTS:
+        if part in parts:
+            prefix = f"{part}/"
+            own = {n[len(prefix) :]: t for n, t in verified.tensors.items() if n.startswith(prefix)}
+            try:
+                trees[part] = decode_structure(parts[part], own)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{where}: cannot rebuild {part}: {exc}") from exc
+    if model is not None:
+        _check_fits(where, model, trees.get("model"))
+        model.load_state_dict(trees["model"])
+    if optimizer is not None:
+        if "optimizer" not in trees:
+            raise CheckpointMismatchError(f"{where}: the checkpoint holds no optimizer state")
+        try:
+            optimizer.load_state_dict(trees["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointMismatchError(f"{where}: optimizer state does not fit: {exc}") from exc
+    notes: list[str] = []
+    if restore_rng:
+        if "rng" not in trees:
+            raise CheckpointMismatchError(f"{where}: the checkpoint holds no rng state")
+        notes = _rng.restore(trees["rng"], generators)
+    result = LoadedCheckpoint(
+        path=where,
+        step=verified.manifest.get("step"),
+        data_position=verified.manifest.get("data_position"),
+        extra=trees.get("extra"),
+        model_state=trees.get("model"),
+        optimizer_state=trees.get("optimizer"),
+        manifest_hash=verified.manifest_hash,
+        signer_key_id=verified.signer_key_id,
+        owner_key_id=verified.owner_key_id,
+        run_id=verified.run_id,
+        notes=notes,
+    )
+    if ledger is not None:
+        result.ledger_seq = ledger.append(
+            "checkpoint.loaded",
+            {
+                "path": where,
+                "manifest_blake3": verified.manifest_hash,
+                "step": result.step,
+                "signer": verified.signer_key_id,
+                "from_run": verified.run_id,
+            },
+        ).seq
+    return result
+
+
+def _trusted(
+    public_key: PublicKeyLike | Sequence[PublicKeyLike] | None, ledger: Ledger | None
+) -> set[str]:
+    keys: list[PublicKeyLike] = []
+    if public_key is not None:
+        single = isinstance(public_key, (str, os.PathLike, Ed25519PublicKey))
+        keys = [public_key] if single else list(public_key)  # type: ignore[list-item,arg-type]
+    trusted = {
+        signing.key_id(k if isinstance(k, Ed25519PublicKey) else signing.load_public(k))
+        for k in keys
+    }
+    if ledger is not None:
+        trusted.add(ledger.certificate.owner_key_id)
+    if not trusted:
+        raise UsageError("say whose signature to trust: pass public_key= or ledger=")
+    return trusted
+
+
+def _check_fits(where: str, model: Any, state: Any) -> None:
+    """Refuse, before loading anything, a model state with other names or shapes."""
+    if state is None:
+        raise CheckpointMismatchError(f"{where}: the checkpoint holds no model state")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"{where}: does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, value in own.items():
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise CheckpointMismatchError(
+                f"{where}: {name} is {tuple(state[name].shape)}, the model has {tuple(value.shape)}"
+            )

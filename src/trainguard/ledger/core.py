@@ -1,0 +1,358 @@
+"""A run's ledger: create it with the owner's key, open it from the ranks, append, close.
+
+``Ledger.create`` is called once per run by whoever holds the owner's long-term key
+(the launcher): it makes a fresh run key, writes it to ``RUN_DIR/run.key`` (mode 0600)
+and appends a ``run.certificate`` entry signed by the owner's key. Training processes
+call ``Ledger.open(run_dir)``, which loads only the run key. See docs/keys.md.
+
+The run directory holds ``ledger.db`` (SQLite, the default) or ``ledger.json``
+naming a PostgreSQL database and the run id (the DSN should not contain a password:
+use ``PGPASSFILE`` or ``PGPASSWORD``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from trainguard.integrity import signing
+from trainguard.integrity.interface import KeyFileError
+from trainguard.ledger import chain
+from trainguard.ledger.interface import (
+    CERTIFICATE_KIND,
+    CLOSED_KIND,
+    Entry,
+    LedgerBackend,
+    LedgerClosedError,
+    LedgerError,
+    SignedHead,
+    Tail,
+    canonical_json,
+)
+
+DB_NAME = "ledger.db"
+CONFIG_NAME = "ledger.json"
+RUN_KEY_NAME = "run.key"
+BackendName = Literal["sqlite", "postgres"]
+_KIND = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,127}$")
+
+
+def open_backend(
+    run_dir: str | os.PathLike[str], *, readonly: bool = False, create: bool = False
+) -> LedgerBackend:
+    """The backend the run directory names: ``ledger.json`` (PostgreSQL) or ``ledger.db``."""
+    folder = Path(run_dir)
+    config = folder / CONFIG_NAME
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+            dsn, run_id = str(data["dsn"]), str(data["run_id"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LedgerError(f"{config}: not a ledger configuration ({exc})") from exc
+        if data.get("backend") != "postgres":
+            raise LedgerError(f"{config}: unknown backend {data.get('backend')!r}")
+        from trainguard.ledger.postgres import PostgresBackend
+
+        return PostgresBackend(dsn, run_id, create=create)
+    from trainguard.ledger.sqlite import SQLiteBackend
+
+    if not create and not (folder / DB_NAME).is_file():
+        raise LedgerError(f"{folder}: no ledger here (no {DB_NAME} or {CONFIG_NAME})")
+    return SQLiteBackend(folder / DB_NAME, create=create, readonly=readonly)
+
+
+def _private_key(key: str | os.PathLike[str] | Ed25519PrivateKey) -> Ed25519PrivateKey:
+    return key if isinstance(key, Ed25519PrivateKey) else signing.load_private(key)
+
+
+def _public_key(key: str | os.PathLike[str] | Ed25519PublicKey) -> Ed25519PublicKey:
+    return key if isinstance(key, Ed25519PublicKey) else signing.load_public(key)
+
+
+def _write_run_key(folder: Path, key: Ed25519PrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd, tmp = tempfile.mkstemp(prefix=".run.key.", dir=folder)  # mkstemp creates it 0600
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, folder / RUN_KEY_NAME)
+
+
+class Ledger:
+    """One run's append-only, hash-chained, signed event log.
+
+    Safe to use from many processes (each opens its own ``Ledger``) and threads.
+    ``append`` returns once the entry is durable.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        backend: LedgerBackend,
+        certificate: chain.Certificate,
+        certificate_seq: int,
+        run_key: Ed25519PrivateKey | None,
+        rank: int | None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.backend = backend
+        self.certificate = certificate
+        self.certificate_seq = certificate_seq
+        self._run_key = run_key
+        self.rank = rank
+
+    # --- creating and opening -----------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        run_dir: str | os.PathLike[str],
+        *,
+        owner_key: str | os.PathLike[str] | Ed25519PrivateKey,
+        run_id: str | None = None,
+        valid_for: _dt.timedelta = _dt.timedelta(days=30),
+        backend: BackendName = "sqlite",
+        dsn: str | None = None,
+        info: Mapping[str, Any] | None = None,
+        rank: int | None = None,
+    ) -> Ledger:
+        """Start (or resume) a run: new run key, certificate signed by ``owner_key``.
+
+        On an existing ledger this appends a new certificate, which is how a resumed
+        run continues the same chain; the existing ledger must be certified by the same
+        owner key. ``info`` goes into the certificate (code version, command line...).
+        """
+        owner = _private_key(owner_key)
+        folder = Path(run_dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create run directory {folder}: {exc.strerror}") from exc
+        if backend == "postgres":
+            if not dsn:
+                raise LedgerError("the postgres ledger needs a dsn")
+            config = folder / CONFIG_NAME
+            if not config.exists():
+                rid = run_id or _new_run_id()
+                config.write_text(
+                    json.dumps({"backend": "postgres", "dsn": dsn, "run_id": rid}, indent=2) + "\n"
+                )
+        store = open_backend(folder, create=True)
+        run_key = Ed25519PrivateKey.generate()
+        try:
+            first = next(iter(store.entries(CERTIFICATE_KIND)), None)
+            if first is not None:
+                previous = chain.Certificate.from_entry(first)
+                if previous.owner_key_id != signing.key_id(owner.public_key()):
+                    raise LedgerError(
+                        f"{folder}: this ledger belongs to owner key {previous.owner_key_id}; "
+                        "use that key or a new run directory"
+                    )
+                rid = previous.run_id
+            else:
+                rid = getattr(store, "run_id", None) or run_id or _new_run_id()
+            cert = chain.new_certificate(
+                run_id=rid, run_key=run_key, owner_key=owner, valid_for=valid_for, info=info
+            )
+
+            def build(tail: Tail) -> Entry:
+                last = tail.last
+                return chain.make_entry(
+                    seq=1 if last is None else last.seq + 1,
+                    kind=CERTIFICATE_KIND,
+                    payload=cert.to_payload(),
+                    actor=chain.current_actor(rank),
+                    prev_hash=chain.GENESIS if last is None else last.hash,
+                    key=owner,
+                )
+
+            _write_run_key(folder, run_key)
+            entry = store.append(build)
+        except BaseException:
+            store.close()
+            raise
+        return cls(folder, store, cert, entry.seq, run_key, rank)
+
+    @classmethod
+    def open(
+        cls,
+        run_dir: str | os.PathLike[str],
+        *,
+        rank: int | None = None,
+        owner_public_key: str | os.PathLike[str] | Ed25519PublicKey | None = None,
+        readonly: bool = False,
+    ) -> Ledger:
+        """Open a run created by :meth:`create`; load the run key unless ``readonly``.
+
+        ``owner_public_key`` pins the owner: a ledger certified by any other key is
+        refused (someone replaced the run directory's ledger with their own).
+        """
+        folder = Path(run_dir)
+        store = open_backend(folder, readonly=readonly)
+        try:
+            certs = list(store.entries(CERTIFICATE_KIND))
+            if not certs:
+                raise LedgerError(f"{folder}: the ledger has no run certificate")
+            cert = chain.Certificate.from_entry(certs[-1])
+            if owner_public_key is not None:
+                expected = signing.key_id(_public_key(owner_public_key))
+                if cert.owner_key_id != expected:
+                    raise LedgerError(
+                        f"{folder}: ledger is certified by key {cert.owner_key_id}, "
+                        f"not by the expected owner key {expected}"
+                    )
+            run_key = None
+            if not readonly:
+                try:
+                    run_key = signing.load_private(folder / RUN_KEY_NAME)
+                except KeyFileError as exc:
+                    raise LedgerError(f"cannot open the run for writing: {exc}") from exc
+                if signing.key_id(run_key.public_key()) != cert.run_key_id:
+                    raise LedgerError(
+                        f"{folder / RUN_KEY_NAME} is not the key the run certificate names"
+                    )
+        except BaseException:
+            store.close()
+            raise
+        return cls(folder, store, cert, certs[-1].seq, run_key, rank)
+
+    # --- writing ------------------------------------------------------------------
+
+    def append(
+        self, kind: str, payload: Mapping[str, Any] | None = None, *, rank: int | None = None
+    ) -> Entry:
+        """Append one event; returns the entry once it is durable.
+
+        ``kind`` is lower-case dotted (``alert``, ``checkpoint.saved``); the run's own
+        kinds (``run.certificate``, ``run.closed``) are refused: use :meth:`close_run`.
+        """
+        if kind in (CERTIFICATE_KIND, CLOSED_KIND) or not _KIND.match(kind):
+            raise LedgerError(f"invalid entry kind {kind!r}")
+        return self._append(kind, payload, rank)
+
+    def close_run(self, payload: Mapping[str, Any] | None = None) -> Entry:
+        """Write the closing entry and delete the run key: the run signs nothing more."""
+        entry = self._append(CLOSED_KIND, payload, self.rank)
+        # once closed, a copy of the run key is all a forger would need; remove ours
+        (self.run_dir / RUN_KEY_NAME).unlink(missing_ok=True)
+        self._run_key = None
+        return entry
+
+    def _append(self, kind: str, payload: Mapping[str, Any] | None, rank: int | None) -> Entry:
+        key = self._run_key
+        if key is None:
+            raise LedgerError("this ledger was opened read-only or its run is closed")
+        who = chain.current_actor(self.rank if rank is None else rank)
+        body = dict(payload or {})
+        canonical_json(body)  # fail on non-json payloads before taking the lock
+
+        def build(tail: Tail) -> Entry:
+            last = tail.last
+            if last is None or tail.certificate_seq is None:
+                raise LedgerError("the ledger has no run certificate")
+            if last.kind == CLOSED_KIND:
+                raise LedgerClosedError(f"run {self.run_id} is closed; nothing can be appended")
+            if tail.certificate_seq != self.certificate_seq:
+                raise LedgerError(
+                    f"run {self.run_id} was re-certified (entry {tail.certificate_seq}); "
+                    "reopen the ledger"
+                )
+            return chain.make_entry(
+                seq=last.seq + 1,
+                kind=kind,
+                payload=body,
+                actor=who,
+                prev_hash=last.hash,
+                key=key,
+            )
+
+        return self.backend.append(build)
+
+    # --- reading ------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return self.certificate.run_id
+
+    @property
+    def run_public_key(self) -> Ed25519PublicKey:
+        return self.certificate.run_public()
+
+    def certificate_entry(self) -> Entry:
+        """The entry holding the run certificate in force (to embed in checkpoints)."""
+        for entry in self.backend.entries(CERTIFICATE_KIND):
+            if entry.seq == self.certificate_seq:
+                return entry
+        raise LedgerError(f"certificate entry {self.certificate_seq} is missing")
+
+    def sign(self, message: bytes) -> str:
+        """Sign ``message`` (already domain-separated by the caller) with the run key."""
+        if self._run_key is None:
+            raise LedgerError("this ledger was opened read-only or its run is closed")
+        return signing.sign(self._run_key, message)
+
+    def entries(self, kind: str | None = None) -> Iterator[Entry]:
+        return self.backend.entries(kind)
+
+    def head(self) -> SignedHead:
+        return head_of(self.backend)
+
+    def close(self) -> None:
+        """Close the connection (not the run: see :meth:`close_run`)."""
+        self.backend.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def head_of(store: LedgerBackend) -> SignedHead:
+    """The signed head of a ledger: its last entry's (seq, hash, signature) and root."""
+    last = store.last()
+    first = next(iter(store.entries(CERTIFICATE_KIND)), None)
+    if last is None or first is None:
+        raise LedgerError("the ledger is empty")
+    cert = chain.Certificate.from_entry(first)
+    return SignedHead(
+        run_id=cert.run_id,
+        seq=last.seq,
+        hash=last.hash,
+        signature=last.signature,
+        key_id=last.key_id,
+        root=first.hash,
+        owner_key_id=cert.owner_key_id,
+        time=last.time,
+    )
+
+
+def _new_run_id() -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"run-{stamp}-{secrets.token_hex(4)}"

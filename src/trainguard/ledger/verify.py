@@ -1,0 +1,298 @@
+"""Verification of a run's ledger: chain, signatures, certificates, heads kept elsewhere.
+
+Every entry is checked in sequence order: its hash against its fields, its link to the
+entry before, its signature against the run key its certificate names (certificates
+against the owner's key), its time against the certificate's validity. A break is
+classified by what the surviving links say: an entry whose ``prev_hash`` names an
+entry stored elsewhere was moved (``reordered``); one that names an entry no longer
+present, or a gap in the numbers, means ``deleted``. Heads kept elsewhere add what the
+chain alone cannot show: truncation of the tail and consistent rewrites.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from trainguard.integrity import signing
+from trainguard.ledger import chain
+from trainguard.ledger.core import open_backend
+from trainguard.ledger.interface import (
+    CERTIFICATE_KIND,
+    CLOSED_KIND,
+    Damage,
+    Entry,
+    HeadError,
+    LedgerError,
+    Problem,
+    SignedHead,
+    VerifyReport,
+)
+
+#: problems listed in full; the rest are counted in ``problems_omitted``
+MAX_PROBLEMS = 100
+
+PublicKeyLike = str | os.PathLike[str] | Ed25519PublicKey
+
+
+def read_head(path: str | os.PathLike[str]) -> SignedHead:
+    """Parse a head file written by ``trainguard ledger head`` (JSON, any spacing)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HeadError(f"cannot read head file {path}: {exc}") from exc
+    return parse_head(data, str(path))
+
+
+def parse_head(data: object, where: str = "head") -> SignedHead:
+    if not isinstance(data, dict) or data.get("format") != "trainguard-ledger-head":
+        raise HeadError(f"{where}: not a trainguard ledger head")
+    try:
+        return SignedHead(
+            run_id=str(data["run_id"]),
+            seq=int(data["seq"]),
+            hash=str(data["hash"]),
+            signature=str(data["signature"]),
+            key_id=str(data["key_id"]),
+            root=str(data["root"]),
+            owner_key_id=str(data["owner_key_id"]),
+            time=str(data["time"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HeadError(f"{where}: incomplete ledger head ({exc})") from exc
+
+
+class _Checker:
+    def __init__(self, report: VerifyReport) -> None:
+        self.report = report
+
+    def add(self, seq: int, damage: Damage, message: str) -> None:
+        if len(self.report.problems) >= MAX_PROBLEMS:
+            self.report.problems_omitted += 1
+            return
+        self.report.problems.append(Problem(seq, damage, message))
+
+
+def verify(
+    run_dir: str | os.PathLike[str],
+    *,
+    heads: Sequence[SignedHead | str | os.PathLike[str]] = (),
+    owner_public_key: PublicKeyLike | Sequence[PublicKeyLike] | None = None,
+) -> VerifyReport:
+    """Verify the ledger of ``run_dir``; never changes it.
+
+    ``heads`` are heads kept elsewhere (objects or files). ``owner_public_key`` pins the
+    owner; without it (and without a head) a ledger forged from scratch under someone
+    else's key is internally consistent, and the report's notes say so.
+    """
+    store = open_backend(run_dir, readonly=True)
+    try:
+        entries = list(store.entries())
+    finally:
+        store.close()
+    parsed = [h if isinstance(h, SignedHead) else read_head(h) for h in heads]
+    return verify_entries(entries, heads=parsed, owner_keys=_owner_ids(owner_public_key))
+
+
+def _owner_ids(keys: PublicKeyLike | Sequence[PublicKeyLike] | None) -> set[str] | None:
+    if keys is None:
+        return None
+    items = [keys] if isinstance(keys, (str, os.PathLike, Ed25519PublicKey)) else list(keys)
+    return {
+        signing.key_id(k if isinstance(k, Ed25519PublicKey) else signing.load_public(k))
+        for k in items
+    }
+
+
+def verify_entries(
+    entries: Iterable[Entry],
+    *,
+    heads: Sequence[SignedHead] = (),
+    owner_keys: set[str] | None = None,
+) -> VerifyReport:
+    """Verify entries as a backend returned them (in sequence order)."""
+    rows = sorted(entries, key=lambda e: e.seq)
+    report = VerifyReport(
+        run_id=None,
+        entries=len(rows),
+        last_seq=rows[-1].seq if rows else 0,
+        closed=bool(rows) and rows[-1].kind == CLOSED_KIND,
+        owner_key_id=None,
+        owner_pinned=owner_keys is not None,
+        heads_checked=len(heads),
+    )
+    check = _Checker(report)
+    if not rows:
+        check.add(1, "deleted", "the ledger is empty: the run certificate is missing")
+        return report
+    where = {e.hash: e.seq for e in rows}
+    expected, prev = 1, chain.GENESIS
+    cert: chain.Certificate | None = None
+    run_key: Ed25519PublicKey | None = None
+    after_close = False
+    for entry in rows:
+        if entry.seq != expected:
+            missing = f"{expected}" if entry.seq == expected + 1 else f"{expected}-{entry.seq - 1}"
+            check.add(expected, "deleted", f"entries {missing} are missing")
+        if chain.recompute(entry) != entry.hash:
+            damage = _moved(entry, prev, where) or "edited"
+            check.add(entry.seq, damage, _explain(entry, damage, where))
+        elif entry.prev_hash != prev:
+            damage = _moved(entry, prev, where) or "deleted"
+            check.add(entry.seq, damage, _explain(entry, damage, where))
+        if entry.kind == CERTIFICATE_KIND:
+            new = _certificate(entry, cert, owner_keys, check)
+            if new is not None:
+                cert, run_key = new, new.run_public()
+                report.run_id = report.run_id or new.run_id
+                report.owner_key_id = report.owner_key_id or new.owner_key_id
+        elif entry.seq == 1:
+            check.add(1, "bad-certificate", f"entry 1 is a {entry.kind!r}, not a run certificate")
+        elif run_key is None or cert is None:
+            check.add(entry.seq, "bad-signature", "no valid run certificate precedes this entry")
+        elif entry.key_id != cert.run_key_id or not chain.signature_ok(entry, run_key):
+            check.add(
+                entry.seq,
+                "bad-signature",
+                f"signature does not verify with run key {cert.run_key_id}"
+                + (
+                    f" (entry claims key {entry.key_id})" if entry.key_id != cert.run_key_id else ""
+                ),
+            )
+        elif not cert.covers(entry.time):
+            check.add(
+                entry.seq,
+                "outside-validity",
+                f"entry time {entry.time} is outside the run key's validity "
+                f"({cert.not_before} .. {cert.not_after})",
+            )
+        if after_close and entry.kind != CERTIFICATE_KIND:
+            check.add(entry.seq, "after-close", "entry written after the run was closed")
+        expected, prev = entry.seq + 1, entry.hash
+        after_close = entry.kind == CLOSED_KIND
+    for head in heads:
+        _check_head(head, rows, check)
+    if owner_keys is None and not heads:
+        report.notes.append(
+            "owner key not pinned: pass --pubkey or --head to detect a ledger forged "
+            "from scratch under another key"
+        )
+    if not report.closed and not report.problems:
+        report.notes.append(
+            f"no {CLOSED_KIND} entry: the run is still running, crashed, or its tail was cut "
+            "(a head kept elsewhere tells these apart)"
+        )
+    report.problems.sort(key=lambda p: p.seq)
+    return report
+
+
+def _bisect(rows: list[Entry], seq: int) -> int:
+    lo, hi = 0, len(rows)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if rows[mid].seq < seq:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _moved(entry: Entry, prev: str, where: dict[str, int]) -> Damage | None:
+    """Classify a broken link by where the entry's ``prev_hash`` points."""
+    if entry.prev_hash == prev:
+        return None
+    if entry.prev_hash in where and where[entry.prev_hash] + 1 != entry.seq:
+        return "reordered"
+    if entry.prev_hash not in where and entry.prev_hash != chain.GENESIS:
+        return "deleted"
+    return None
+
+
+def _explain(entry: Entry, damage: Damage, where: dict[str, int]) -> str:
+    if damage == "reordered":
+        return (
+            f"entry {entry.seq} ({entry.kind}) belongs after entry "
+            f"{where[entry.prev_hash]}: entries were moved"
+        )
+    if damage == "deleted":
+        return f"entry {entry.seq} ({entry.kind}) follows an entry that is no longer there"
+    return f"entry {entry.seq} ({entry.kind}) does not match its hash: its content was changed"
+
+
+def _certificate(
+    entry: Entry,
+    current: chain.Certificate | None,
+    owner_keys: set[str] | None,
+    check: _Checker,
+) -> chain.Certificate | None:
+    try:
+        cert = chain.Certificate.from_entry(entry)
+    except LedgerError as exc:
+        check.add(entry.seq, "bad-certificate", str(exc))
+        return None
+    if owner_keys is not None and cert.owner_key_id not in owner_keys:
+        check.add(
+            entry.seq,
+            "untrusted-owner",
+            f"run certificate is signed by key {cert.owner_key_id}, not by the pinned owner key",
+        )
+        return None
+    if current is not None and (
+        cert.owner_key_id != current.owner_key_id or cert.run_id != current.run_id
+    ):
+        check.add(
+            entry.seq,
+            "bad-certificate",
+            f"certificate for run {cert.run_id} by key {cert.owner_key_id} does not continue "
+            f"run {current.run_id} of key {current.owner_key_id}",
+        )
+        return None
+    return cert
+
+
+def _check_head(head: SignedHead, rows: list[Entry], check: _Checker) -> None:
+    first = rows[0]
+    if head.root != first.hash:
+        check.add(
+            1,
+            "rewritten",
+            f"entry 1 (the run certificate) is not the one head {head.seq} of run "
+            f"{head.run_id} was taken from: the ledger was replaced",
+        )
+        return
+    cert = None
+    with_key = [e for e in rows if e.kind == CERTIFICATE_KIND and e.seq <= head.seq]
+    for entry in with_key:
+        try:
+            candidate = chain.Certificate.from_entry(entry)
+        except LedgerError:
+            continue
+        if head.key_id in (candidate.run_key_id, candidate.owner_key_id):
+            cert = candidate
+    if cert is None:
+        raise HeadError(f"head {head.seq} is signed by key {head.key_id}, unknown to this run")
+    key = cert.owner_public() if head.key_id == cert.owner_key_id else cert.run_public()
+    if not signing.verify(key, chain.entry_message(head.hash), head.signature):
+        raise HeadError(f"head {head.seq}: its signature does not verify; not a genuine head")
+    index = _bisect(rows, head.seq)
+    if index >= len(rows) or rows[index].seq != head.seq:
+        last = rows[-1].seq
+        if head.seq > last:
+            check.add(
+                last + 1,
+                "truncated",
+                f"entries {last + 1}-{head.seq} are missing: the head kept elsewhere "
+                f"covers up to {head.seq}, the ledger ends at {last}",
+            )
+        return
+    if rows[index].hash != head.hash:
+        check.add(
+            head.seq,
+            "rewritten",
+            f"entry {head.seq} differs from the head kept elsewhere: entries up to "
+            f"{head.seq} were rewritten",
+        )

@@ -1,0 +1,132 @@
+"""Training dynamics: NaN and Inf, loss and gradient-norm anomalies, the learning rate.
+
+Anomalies are judged by robust statistics over a trailing window (median and median
+absolute deviation), which follow the loss down through warm-up and ignore ordinary
+batch-to-batch noise; an alert needs the deviation to persist for a few steps.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+
+from trainguard.errors import Severity
+from trainguard.runtime.interface import Alert, StepInfo
+
+LrSchedule = Callable[[int], "float | Sequence[float]"]
+
+
+class NonFinite:
+    """The loss or the gradient norm is NaN or infinite."""
+
+    name = "nonfinite"
+
+    def __init__(self, rank: int | None) -> None:
+        self.rank = rank
+
+    def on_step(self, info: StepInfo) -> Iterable[Alert]:
+        for what, value in (("loss", info.loss), ("gradient norm", info.grad_norm)):
+            if value is not None and not math.isfinite(value):
+                yield Alert(info.step, self.rank, self.name, Severity.HIGH, f"{what} is {value}")
+
+
+class RobustAnomaly:
+    """A value far above its trailing median, for ``patience`` steps in a row."""
+
+    def __init__(
+        self,
+        name: str,
+        pick: Callable[[StepInfo], float | None],
+        rank: int | None,
+        *,
+        window: int = 50,
+        warmup: int = 20,
+        threshold: float = 8.0,
+        patience: int = 3,
+    ) -> None:
+        self.name = name
+        self.pick = pick
+        self.rank = rank
+        self.history: deque[float] = deque(maxlen=window)
+        self.warmup = warmup
+        self.threshold = threshold
+        self.patience = patience
+        self.streak = 0
+        self.fired = False
+
+    def score(self, value: float) -> float:
+        median = statistics.median(self.history)
+        mad = statistics.median(abs(v - median) for v in self.history)
+        scale = 1.4826 * mad + 1e-3 * abs(median) + 1e-12
+        return (value - median) / scale
+
+    def on_step(self, info: StepInfo) -> Iterable[Alert]:
+        value = self.pick(info)
+        if value is None or not math.isfinite(value):
+            return
+        if len(self.history) >= self.warmup:
+            z = self.score(value)
+            self.streak = self.streak + 1 if z > self.threshold else 0
+            if self.streak >= self.patience and not self.fired:
+                self.fired = True
+                yield Alert(
+                    info.step,
+                    self.rank,
+                    self.name,
+                    Severity.MEDIUM,
+                    f"{self.name.split('-')[0]} {value:.4g} is {z:.1f} robust deviations above "
+                    f"its recent median {statistics.median(self.history):.4g}",
+                    {"value": value, "z": z},
+                )
+            if self.streak:
+                return  # keep anomalous values out of the baseline
+            self.fired = False
+        self.history.append(value)
+
+    def drift(self) -> float:
+        """Recent values over the earlier ones (1.0 = steady); used to break ties."""
+        values = list(self.history)
+        if len(values) < 8:
+            return 1.0
+        half = len(values) // 2
+        before, after = statistics.median(values[:half]), statistics.median(values[half:])
+        return after / before if before > 0 else 1.0
+
+
+class LearningRate:
+    """The optimizer's learning rate against the declared schedule, step by step."""
+
+    name = "lr-schedule"
+
+    def __init__(self, schedule: LrSchedule, rank: int | None, rel_tol: float = 1e-6) -> None:
+        self.schedule = schedule
+        self.rank = rank
+        self.rel_tol = rel_tol
+        self.fired = False
+
+    def check(self, step: int, used: Sequence[float]) -> Alert | None:
+        expected = self.schedule(step)
+        wanted = (
+            [float(expected)] * len(used) if isinstance(expected, (int, float)) else list(expected)
+        )
+        for group, (got, want) in enumerate(zip(used, wanted, strict=False)):
+            if not math.isclose(got, want, rel_tol=self.rel_tol, abs_tol=1e-15):
+                if self.fired:
+                    return None
+                self.fired = True
+                return Alert(
+                    step,
+                    self.rank,
+                    self.name,
+                    Severity.HIGH,
+                    f"learning rate of group {group} is {got:.6g}, the schedule says {want:.6g}",
+                    {"group": group, "lr": got, "expected": want},
+                )
+        return None
+
+    def on_step(self, info: StepInfo) -> Iterable[Alert]:
+        alert = self.check(info.step, info.lr)
+        if alert is not None:
+            yield alert

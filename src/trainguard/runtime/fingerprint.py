@@ -1,0 +1,213 @@
+"""Exact, cheap fingerprints of a rank's state: parameters, optimizer, RNG, code.
+
+Data-parallel replicas must be bit-identical, so the parameter fingerprint is an exact
+hash, not a norm. On CPU the tensors' bytes go through BLAKE3; on a GPU the hash is an
+integer reduction computed on the device at memory speed (no copy to the CPU): each
+element's bit pattern, mixed and weighted by its position, summed modulo 2**64. Integer
+addition is associative, so the result does not depend on the reduction order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+_MASK63 = (1 << 63) - 1
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+_CHUNK = 1 << 24
+
+
+def _digest(data: bytes | memoryview) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array)
+
+
+def _cpu_hash(tensors: Sequence[torch.Tensor]) -> int:
+    try:
+        from blake3 import blake3
+
+        hasher: Any = blake3(max_threads=blake3.AUTO)
+    except ImportError:  # pragma: no cover - blake3 is a dependency
+        hasher = hashlib.blake2b(digest_size=8)
+    for tensor in tensors:
+        hasher.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+        if tensor.numel():
+            hasher.update(_as_bytes(tensor))
+    return int.from_bytes(hasher.digest()[:8], "little") & _MASK63
+
+
+def _device_hash(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    device = tensors[0].device
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    base = torch.arange(min(_CHUNK, max(t.numel() for t in tensors)), device=device)
+    base = base * 2 + 1  # odd weights: every element moves the sum
+    for index, tensor in enumerate(tensors):
+        flat = tensor.detach().reshape(-1)
+        bits = flat.view(_INT_VIEW[flat.element_size()]).to(torch.int64)
+        for start in range(0, bits.numel(), _CHUNK):
+            chunk = bits[start : start + _CHUNK]
+            mixed = (chunk ^ (chunk >> 17)) * _GOLDEN
+            weights = base[: chunk.numel()] + (2 * start + index * 1_000_003)
+            total += (mixed * weights).sum()
+        total += (index + 1) * 0x51ED27 + flat.numel()
+    return total & _MASK63
+
+
+def tensors_hash(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """An exact 63-bit hash of the tensors' values, as a 0-d int64 tensor on their device."""
+    dense = [t for t in tensors if t.layout == torch.strided and not t.is_quantized]
+    if not dense:
+        return torch.zeros((), dtype=torch.int64)
+    device = dense[0].device
+    if device.type == "cpu" or any(t.device != device for t in dense):
+        return torch.tensor(_cpu_hash([t.cpu() for t in dense]), dtype=torch.int64)
+    return _device_hash(dense)
+
+
+def params_hash(model: torch.nn.Module) -> torch.Tensor:
+    return tensors_hash(p for p in model.parameters())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist() if value.numel() <= 16 else f"tensor{value.shape}"
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return repr(value)
+    return value if isinstance(value, (int, str, bool, type(None))) else repr(value)
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's settings except its parameters and learning rate."""
+    return [
+        {k: _jsonable(v) for k, v in sorted(group.items()) if k not in ("params", "lr")}
+        for group in optimizer.param_groups
+    ]
+
+
+def hyperparameters_hash(optimizer: torch.optim.Optimizer) -> int:
+    return _digest(json.dumps(hyperparameters(optimizer), sort_keys=True).encode())
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
+    return [float(group["lr"]) for group in optimizer.param_groups]
+
+
+def float_bits(value: float) -> int:
+    """A float's IEEE bits as a signed int64, so it travels in an int64 tensor exactly."""
+    (bits,) = struct.unpack("<q", struct.pack("<d", float(value)))
+    return int(bits)
+
+
+def bits_float(bits: int) -> float:
+    (value,) = struct.unpack("<d", struct.pack("<q", int(bits)))
+    return float(value)
+
+
+def optimizer_state_hash(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    tensors: list[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key in sorted(state):
+                value = state[key]
+                if isinstance(value, torch.Tensor):
+                    tensors.append(value)
+                else:
+                    tensors.append(torch.tensor(float_bits(float(value)), dtype=torch.int64))
+    return tensors_hash(tensors)
+
+
+def rng_hashes() -> dict[str, int]:
+    """Hashes of the process's random number generator states."""
+    out = {
+        "torch": _digest(_as_bytes(torch.get_rng_state())),
+        "python": _digest(repr(random.getstate()).encode()),
+        "numpy": 0,
+        "cuda": 0,
+    }
+    try:
+        import numpy
+
+        state: Any = numpy.random.get_state(legacy=True)
+        out["numpy"] = _digest(bytes(state[1].tobytes()) + struct.pack("<q", int(state[2])))
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        states = torch.cuda.get_rng_state_all()
+        out["cuda"] = _digest(b"".join(bytes(_as_bytes(s)) for s in states))
+    return out
+
+
+def text_hash(text: str | bytes) -> int:
+    return _digest(text.encode() if isinstance(text, str) else text)
+
+
+class WriteWatch:
+    """Notices parameters written between optimizer steps, without a device sync.
+
+    A strided sample of every parameter (views, so they follow the live values) is
+    copied after each step and compared before the next; the comparison accumulates
+    into a device-side flag read only at checks. Replacing a parameter's storage
+    (``p.data = ...``) is caught by its data pointer.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
+        self._snapshot: list[torch.Tensor] | None = None
+        self._pointers = self._data_pointers()
+        self._views = self._make_views()
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self._written = torch.zeros((), dtype=torch.bool, device=device)
+
+    def _data_pointers(self) -> int:
+        return sum(p.data_ptr() for p in self.params)
+
+    def _make_views(self, per_tensor: int = 64) -> dict[torch.dtype, list[torch.Tensor]]:
+        views: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self.params:
+            flat = p.detach().reshape(-1)
+            if flat.numel() and flat.is_contiguous():
+                step = max(1, flat.numel() // per_tensor)
+                dtype = _INT_VIEW[flat.element_size()]
+                views.setdefault(dtype, []).append(flat[::step].view(dtype))
+        return views
+
+    def _sample(self) -> list[torch.Tensor]:
+        return [torch.cat(group) for group in self._views.values()]
+
+    def after_step(self) -> None:
+        self._snapshot = self._sample()
+
+    def before_step(self) -> None:
+        if self._snapshot is None:
+            return
+        for now, then in zip(self._sample(), self._snapshot, strict=True):
+            self._written |= (now != then).any()
+
+    def written(self) -> bool:
+        """True if a write happened since the last call (reads the flag: one sync)."""
+        pointers = self._data_pointers()
+        moved = pointers != self._pointers
+        if moved:
+            self._pointers = pointers
+            self._views = self._make_views()
+            self._snapshot = None
+        seen = bool(self._written.item()) or moved
+        self._written.zero_()
+        return seen

@@ -1,0 +1,178 @@
+"""Real two-process gloo runs under the Guard: the interfered rank is named."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.runtime.worker import AT, VICTIM
+from trainguard.cli import main
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def owner_key(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("owner") / "keys"
+    assert main(["keygen", "-o", str(folder)]) == 0
+    return folder / "trainguard.key"
+
+
+def launch(scenario: str, run_dir: Path, key: Path) -> list[subprocess.Popen[bytes]]:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.runtime.worker",
+                scenario,
+                str(rank),
+                "2",
+                port,
+                str(run_dir),
+                str(key),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for rank in range(2)
+    ]
+
+
+def finish(procs: list[subprocess.Popen[bytes]], timeout: float = 90) -> list[int]:
+    codes = []
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        codes.append(proc.returncode)
+    return codes
+
+
+def alerts(run_dir: Path, rank: int) -> list[dict]:
+    return json.loads((run_dir / f"alerts-rank{rank}.json").read_text())
+
+
+def run(scenario: str, tmp_path: Path, key: Path) -> tuple[Path, list[int]]:
+    run_dir = tmp_path / scenario
+    codes = finish(launch(scenario, run_dir, key))
+    return run_dir, codes
+
+
+def named(found: list[dict], detector_prefix: str = "") -> set[int | None]:
+    return {a["rank"] for a in found if a["detector"].startswith(detector_prefix)}
+
+
+def test_clean_run_raises_nothing_and_the_ledger_verifies(tmp_path, owner_key):
+    run_dir, codes = run("clean", tmp_path, owner_key)
+    assert codes == [0, 0]
+    assert alerts(run_dir, 0) == []
+    assert alerts(run_dir, 1) == []
+    assert main(["ledger", "verify", str(run_dir)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("scenario", "evidence"),
+    [("weights", "sensor:params-written"), ("lr", "lr-schedule"), ("rng", "sensor:reseed")],
+)
+def test_interfered_rank_is_named(tmp_path, owner_key, scenario, evidence):
+    run_dir, codes = run(scenario, tmp_path, owner_key)
+    assert codes == [0, 0]
+    mine = alerts(run_dir, VICTIM)
+    assert any(a["detector"] == evidence and a["rank"] == VICTIM for a in mine), mine
+    first = min(a["step"] for a in mine)
+    assert AT <= first <= AT + 2 * 5, "detected within two check intervals"
+    cross = [a for a in alerts(run_dir, 0) if a["detector"] == "agreement"]
+    assert cross, "rank 0 sees the disagreement too"
+    assert {a["rank"] for a in cross} == {VICTIM}
+
+
+def test_straggler_is_named(tmp_path, owner_key):
+    run_dir, codes = run("straggler", tmp_path, owner_key)
+    assert codes == [0, 0]
+    found = [a for r in (0, 1) for a in alerts(run_dir, r) if a["detector"] == "straggler"]
+    assert found
+    assert {a["rank"] for a in found} == {VICTIM}
+
+
+def test_halt_stops_every_rank_at_the_same_check(tmp_path, owner_key):
+    run_dir, codes = run("halt", tmp_path, owner_key)
+    assert all(code != 0 for code in codes)
+    for rank in (0, 1):
+        assert any(a["rank"] == VICTIM for a in alerts(run_dir, rank))
+    assert main(["ledger", "verify", str(run_dir)]) == 0
+
+
+def test_sigterm_sender_is_reported(tmp_path, owner_key):
+    run_dir = tmp_path / "sigterm"
+    procs = launch("sigterm", run_dir, owner_key)
+    deadline = time.monotonic() + 60
+    while not (run_dir / f"ready-{VICTIM}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    victim = int((run_dir / f"pid-{VICTIM}").read_text())
+    killer = subprocess.Popen([sys.executable, "-c", f"import os; os.kill({victim}, 15)"])
+    killer.wait()
+    finish(procs)
+    show = subprocess.run(
+        [sys.executable, "-m", "trainguard", "ledger", "show", str(run_dir), "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    entries = json.loads(show.stdout)["entries"]
+    signals = [e for e in entries if e["kind"] == "alert" and e["payload"]["detector"] == "signal"]
+    assert signals, "the SIGTERM is in the ledger"
+    details = signals[0]["payload"]["details"]
+    assert details["sender_pid"] == killer.pid
+    assert details["sender_uid"] == os.getuid()
+    assert signals[0]["payload"]["rank"] == VICTIM
+
+
+def test_hang_records_every_stack(tmp_path, owner_key):
+    run_dir = tmp_path / "hang"
+    procs = launch("hang", run_dir, owner_key)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (run_dir / f"ready-{VICTIM}").exists():
+            break
+        time.sleep(0.1)
+    time.sleep(6)  # the watchdogs (3 s) fire on both ranks
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    finish(procs)
+    show = subprocess.run(
+        [sys.executable, "-m", "trainguard", "ledger", "show", str(run_dir), "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    entries = json.loads(show.stdout)["entries"]
+    hangs = [e for e in entries if e["kind"] == "alert" and e["payload"]["detector"] == "hang"]
+    assert {e["payload"]["rank"] for e in hangs} >= {VICTIM}
+    stacks = hangs[0]["payload"]["details"]["stacks"]
+    assert any(
+        "time.sleep" in s or "sleep" in s or "all_reduce" in s or "wait" in s
+        for s in stacks.values()
+    )

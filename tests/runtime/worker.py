@@ -1,0 +1,90 @@
+"""One rank of a small DDP job under the Guard, with an optional interference.
+
+Run as ``python -m tests.runtime.worker SCENARIO RANK WORLD PORT RUN_DIR KEY``; the
+tests start two of these as real processes with a real gloo process group.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import trainguard
+
+trainguard.protect_signals()  # before any thread starts: lets the guard name a signal's sender
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+STEPS = 40
+AT = 12  # the step the interference starts at
+VICTIM = 1
+LR = 1e-2
+
+
+def main() -> None:
+    scenario, rank, world, port, run_dir, key = sys.argv[1:7]
+    rank, world = int(rank), int(world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 1)
+        )
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    data = torch.Generator().manual_seed(100 + rank)
+    guard = trainguard.Guard(
+        model,
+        optimizer,
+        run_dir=run_dir,
+        every=5,
+        owner_key=key,
+        lr_schedule=lambda step: LR,
+        seed=0,
+        verify_env=False,
+        hang_timeout=3.0 if scenario == "hang" else 600.0,
+        policy="halt" if scenario == "halt" else "alert",
+    )
+    with open(os.path.join(run_dir, f"pid-{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        for step in range(STEPS):
+            x = torch.randn(32, 16, generator=data)
+            loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+            optimizer.zero_grad()
+            loss.backward()
+            if rank == VICTIM and step >= AT:
+                interfere(scenario, step, model, optimizer)
+            optimizer.step()
+            guard.step(loss=loss)
+            if scenario in ("sigterm", "hang") and step == AT:
+                (open(os.path.join(run_dir, f"ready-{rank}"), "w")).close()
+                if rank == VICTIM:
+                    time.sleep(30)  # killed (sigterm) or stuck (hang) here
+    except BaseException as exc:
+        guard.close(exc)
+        raise
+    guard.close()
+    dist.destroy_process_group()
+
+
+def interfere(scenario: str, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    if scenario == "weights" and step == AT:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data.add_(torch.randn_like(p) * 0.5)
+    elif scenario in ("lr", "halt"):
+        for group in opt.param_groups:
+            group["lr"] = LR * 10
+    elif scenario == "rng" and step == AT:
+        torch.manual_seed(1234)
+    elif scenario == "straggler":
+        time.sleep(0.15)
+
+
+if __name__ == "__main__":
+    main()
