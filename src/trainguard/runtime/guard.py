@@ -78,6 +78,7 @@ class Guard:
         packages: Sequence[str] = ("torch",),
         verify_env: bool = True,
         config: Any = None,
+        config_sha256: str | None = None,
         halt_at: Severity = Severity.HIGH,
         hang_timeout: float = 600.0,
         hook: str | None = None,
@@ -102,10 +103,11 @@ class Guard:
         self._pending_severity = 0
         self._closed = False
         self._notify = Notifier(hook)
+        self._stream = self.run_dir / f"alerts-rank{self.rank}.jsonl"
         self.ledger = open_ledger(self.run_dir, self.rank, self.world, owner_key)
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         env_alerts, env_summary = verify_start(
-            verify_env, manifest, pubkey, packages, config, self.run_dir
+            verify_env, manifest, pubkey, packages, config, self.run_dir, config_sha256
         )
         self.code_hash = text_hash(env_summary["code"])
         self.ledger.append(
@@ -217,6 +219,9 @@ class Guard:
     def _raise(self, alert: Alert) -> None:
         self.alerts.append(alert)
         sys.stderr.write(alert.line() + "\n")
+        # one line per alert as it happens: a rank that is killed never reaches close()
+        with contextlib.suppress(OSError), open(self._stream, "a") as stream:
+            stream.write(json.dumps(alert.to_dict(), default=str) + "\n")
         try:
             self.ledger.append("alert", alert.to_dict(), rank=self.rank)
         except Error as exc:

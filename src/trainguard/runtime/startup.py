@@ -85,6 +85,7 @@ def verify_start(
     packages: Sequence[str],
     config: Any,
     run_dir: Path,
+    config_sha256: str | None = None,
 ) -> tuple[list[Alert], dict[str, Any]]:
     """Alerts for a drifted environment, and the summary that goes into run.started."""
     import torch
@@ -97,14 +98,17 @@ def verify_start(
         "environment": None,
     }
     if not enabled:
-        return [], summary
+        return _config_alerts(config, config_sha256), summary
     from trainguard.integrity import verify_environment
 
+    alerts = _config_alerts(config, config_sha256)
+    moved, sites = _import_locations(packages)
+    alerts += moved
     try:
         if manifest is not None:
             report = verify_environment(manifest, public_key=pubkey, fast=True)
         else:
-            report = verify_environment(packages=list(packages))
+            report = verify_environment(packages=list(packages), site_packages=sites or None)
     except Error as exc:
         alert = Alert(-1, None, "environment", Severity.CRITICAL, f"cannot verify: {exc}", {})
         return [alert], summary
@@ -116,9 +120,12 @@ def verify_start(
         "signature": report.signature,
     }
     summary["code"] = f"{summary['code']}:{report.mode}:{len(report.drift)}"
-    alerts = []
-    if not report.clean:
-        shown = [f"{d.kind} {d.path}" for d in report.drift[:5]]
+    if report.clean:
+        return alerts, summary
+    hooks = [d for d in report.drift if d.kind == "startup-hook"]
+    files = [d for d in report.drift if d.kind != "startup-hook"]
+    if files or report.signature not in ("valid", "not-applicable"):
+        shown = [f"{d.kind} {d.path}" for d in files[:5]]
         if report.signature not in ("valid", "not-applicable"):
             shown.insert(0, f"manifest signature {report.signature}")
         alerts.append(
@@ -131,7 +138,79 @@ def verify_start(
                 {"report": report.to_dict()},
             )
         )
+    if hooks:
+        # code that runs at interpreter start-up: suspicious, but also how some sites
+        # configure Python; a warning, recorded, that does not halt by itself
+        alerts.append(
+            Alert(
+                -1,
+                _rank(),
+                "startup-hook",
+                Severity.MEDIUM,
+                "start-up hooks run in this process: "
+                + "; ".join(f"{d.path} ({d.detail})" for d in hooks[:3]),
+                {"hooks": [d.path for d in hooks]},
+            )
+        )
     return alerts, summary
+
+
+def _import_locations(packages: Sequence[str]) -> tuple[list[Alert], list[str]]:
+    """Where each package was really imported from; a copy shadowing the installed one
+    (an edited torch first on PYTHONPATH) is an alert by itself."""
+    import importlib.util
+    import sysconfig
+
+    alerts: list[Alert] = []
+    sites: list[str] = []
+    installed = {os.path.realpath(p) for p in sysconfig.get_paths().values()}
+    for name in packages:
+        module = sys.modules.get(name)
+        spec = importlib.util.find_spec(name) if module is None else module.__spec__
+        origin = getattr(spec, "origin", None)
+        if not origin:
+            continue
+        site = str(Path(origin).parent.parent)
+        sites.append(site)
+        if os.path.realpath(site) not in installed:
+            alerts.append(
+                Alert(
+                    -1,
+                    _rank(),
+                    "environment",
+                    Severity.CRITICAL,
+                    f"{name} is imported from {site}, not from the environment's site-packages",
+                    {"package": name, "location": site},
+                )
+            )
+    return alerts, sorted(set(sites))
+
+
+def _config_alerts(config: Any, expected: str | None) -> list[Alert]:
+    """The configuration file against the sha256 recorded when the job was submitted."""
+    if expected is None:
+        return []
+    if not (isinstance(config, (str, os.PathLike)) and os.path.isfile(config)):
+        return [
+            Alert(
+                -1, _rank(), "config", Severity.CRITICAL, f"configuration {config!r} is missing", {}
+            )
+        ]
+    with open(config, "rb") as f:
+        actual = hashlib.sha256(f.read()).hexdigest()
+    if actual == expected.lower():
+        return []
+    return [
+        Alert(
+            -1,
+            _rank(),
+            "config",
+            Severity.CRITICAL,
+            f"configuration {config} changed since submission "
+            f"(sha256 {actual[:12]}..., submitted {expected[:12]}...)",
+            {"sha256": actual, "submitted": expected},
+        )
+    ]
 
 
 def _rank() -> int:
