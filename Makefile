@@ -28,15 +28,13 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The competitors get their own venv (torch pinned first, as above) so they cannot change
-# .venv; exact pins are the versions benchmarks/scan/README.md reports. numpy stays below 2.3
-# because modelscan 0.8.8's .npy scanner calls numpy.lib.format._check_version, gone in 2.3.
+# The competitors (the `bench` extra, exact pins) get their own venv, torch pinned first as
+# above, so they cannot change .venv; the runner itself runs in .venv.
 bench-scan: $(STAMP)
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install --quiet --upgrade pip
 	.venv-bench/bin/python -m pip install --quiet $(TORCH_PIN)
-	.venv-bench/bin/python -m pip install --quiet picklescan==1.0.5 modelscan==0.8.8 \
-		fickling==0.1.12 numpy==2.2.6
+	.venv-bench/bin/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.scan --out benchmarks/scan/results --big-gb 1
 
 clean:

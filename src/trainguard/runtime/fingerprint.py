@@ -43,10 +43,13 @@ def _cpu_hash(tensors: Sequence[torch.Tensor]) -> int:
         hasher: Any = blake3(max_threads=blake3.AUTO)
     except ImportError:  # pragma: no cover - blake3 is a dependency
         hasher = hashlib.blake2b(digest_size=8)
-    for tensor in tensors:
-        hasher.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
-        if tensor.numel():
-            hasher.update(_as_bytes(tensor))
+    shapes = ";".join(f"{tuple(t.shape)}{t.dtype}" for t in tensors)
+    hasher.update(shapes.encode())
+    # one concatenation, one hash: the per-tensor Python overhead is what costs on CPU
+    flat = [t.detach().reshape(-1).view(torch.uint8) for t in tensors if t.numel()]
+    if flat:
+        array: Any = torch.cat(flat).numpy()
+        hasher.update(memoryview(array))
     return int.from_bytes(hasher.digest()[:8], "little") & _MASK63
 
 
@@ -96,6 +99,18 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Each param group's settings except its parameters and learning rate."""
     return [
         {k: _jsonable(v) for k, v in sorted(group.items()) if k not in ("params", "lr")}
+        for group in optimizer.param_groups
+    ]
+
+
+def hyperparameter_values(optimizer: torch.optim.Optimizer) -> list[tuple[Any, ...]]:
+    """The same settings as raw values, cheap enough to compare at every step."""
+    return [
+        tuple(
+            (k, float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
+            for k, v in group.items()
+            if k not in ("params", "lr")
+        )
         for group in optimizer.param_groups
     ]
 
@@ -158,6 +173,9 @@ def text_hash(text: str | bytes) -> int:
     return _digest(text.encode() if isinstance(text, str) else text)
 
 
+LARGEST = 8
+
+
 class WriteWatch:
     """Notices parameters written between optimizer steps, without a device sync.
 
@@ -179,8 +197,12 @@ class WriteWatch:
         return sum(p.data_ptr() for p in self.params)
 
     def _make_views(self, per_tensor: int = 64) -> dict[torch.dtype, list[torch.Tensor]]:
+        # the largest tensors hold most of the weights; in-place writes to any tensor are
+        # also caught by the guard's version counters, and all of them by the exact
+        # cross-rank hash: this sample only has to be cheap enough for every step
         views: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in self.params:
+        largest = sorted(self.params, key=lambda p: p.numel(), reverse=True)[:LARGEST]
+        for p in largest:
             flat = p.detach().reshape(-1)
             if flat.numel() and flat.is_contiguous():
                 step = max(1, flat.numel() // per_tensor)

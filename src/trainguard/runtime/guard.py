@@ -37,6 +37,7 @@ from trainguard.runtime.dynamics import LearningRate, LrSchedule, NonFinite, Rob
 from trainguard.runtime.fingerprint import (
     WriteWatch,
     float_bits,
+    hyperparameter_values,
     hyperparameters_hash,
     learning_rates,
     optimizer_state_hash,
@@ -49,6 +50,9 @@ from trainguard.runtime.liveness import CommTimer, SignalWatch, Watchdog, pid_al
 from trainguard.runtime.notify import Notifier
 from trainguard.runtime.sensors import AuditSensor, HookWatch, PatchWatch, SeedWatch
 from trainguard.runtime.startup import open_ledger, verify_start
+
+#: the optimizer state joins the fingerprint at every this many checks
+STATE_EVERY = 4
 
 
 def _dist() -> tuple[int, int]:
@@ -133,6 +137,10 @@ class Guard:
         self._loss = self._detectors[1]
         self._lr = LearningRate(lr_schedule, self.rank) if lr_schedule else None
         self._hyper = hyperparameters_hash(optimizer)
+        self._hyper_values = hyperparameter_values(optimizer)
+        self._pending: list[tuple[int, Any, Any, list[float]]] = []
+        self._checks = 0
+        self._state_hash = torch.zeros((), dtype=torch.int64)
         self._seed = seed
         self.seeds = SeedWatch(lambda e: self._event(e, agreement.RESEEDED), seed)
         self._install_optimizer_hooks()
@@ -162,7 +170,8 @@ class Guard:
         self._versions_after: int | None = None
         self._opt_end = 0.0
 
-        self._writes = WriteWatch(list(self.model.parameters()))
+        self._params = list(self.model.parameters())
+        self._writes = WriteWatch(self._params)
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
             self._lr_used = learning_rates(opt)
@@ -191,7 +200,7 @@ class Guard:
         )
 
     def _versions(self) -> int:
-        return sum(p._version for p in self.model.parameters())
+        return sum(p._version for p in self._params)
 
     # --- events and alerts ---------------------------------------------------------
 
@@ -277,20 +286,17 @@ class Guard:
             self._step += 1
             self._last_end = time.perf_counter()
 
-    def _local_checks(self, loss: Any, grad_norm: float | None, now: float) -> None:
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
-        info = StepInfo(self._step, value, self._lr_used, grad_norm, now - self._last_end, None)
-        for detector in self._detectors:
-            for alert in detector.on_step(info):
-                self._raise(alert)
-        if self._lr is not None:
-            alert = self._lr.check(self._step, self._lr_used)
-            if alert is not None:
-                self._flags |= agreement.LR_OFF_SCHEDULE
-                self._raise(alert)
-        hyper = hyperparameters_hash(self.optimizer)
-        if hyper != self._hyper:
-            self._hyper = hyper
+    def _local_checks(self, loss: Any, grad_norm: Any, now: float) -> None:
+        # values stay on their device until the check: no synchronisation per step
+        self._pending.append(
+            (self._step, _detached(loss), _detached(grad_norm), list(self._lr_used))
+        )
+        if self.world == 1 and not isinstance(loss, torch.Tensor):
+            self._drain()
+        hyper = hyperparameter_values(self.optimizer)
+        if hyper != self._hyper_values:
+            self._hyper_values = hyper
+            self._hyper = hyperparameters_hash(self.optimizer)
             self._flags |= agreement.HYPER_CHANGED
             self._raise(
                 Alert(
@@ -305,15 +311,37 @@ class Guard:
         # busy time: the step's wall time less the time spent waiting in DDP's all-reduce
         self._busy_window.append(max(0.0, now - self._last_end - self.comm.take_wait()))
 
+    def _drain(self) -> None:
+        """Run the dynamics detectors over the steps since the last check (one sync)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        values = [v for _, loss, norm, _ in pending for v in (loss, norm)]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        numbers = (
+            iter(torch.stack([t.float().cpu() for t in tensors]).tolist()) if tensors else None
+        )
+        resolved = [next(numbers) if isinstance(v, torch.Tensor) and numbers else v for v in values]
+        for i, (step, _, _, lr) in enumerate(pending):
+            loss, norm = resolved[2 * i], resolved[2 * i + 1]
+            info = StepInfo(step, loss, lr, norm, 0.0, None)
+            for detector in self._detectors:
+                for alert in detector.on_step(info):
+                    self._raise(alert)
+            if self._lr is not None:
+                alert = self._lr.check(step, lr)
+                if alert is not None:
+                    self._flags |= agreement.LR_OFF_SCHEDULE
+                    self._raise(alert)
+
     def _check(self) -> None:
+        self._drain()
         for change in self.patches.changes():
             self._flags |= agreement.PATCHED
             self._raise(Alert(self._step, self.rank, "monkeypatch", Severity.HIGH, change, {}))
-        self.patches = PatchWatch((type(self.model), type(self.optimizer)))
         for change in self.hooks.changes():
             self._flags |= agreement.PATCHED
             self._raise(Alert(self._step, self.rank, "hooks", Severity.HIGH, change, {}))
-        self.hooks = HookWatch(self.model, self.optimizer)
         if self._writes.written() and not self._flags & agreement.PARAMS_WRITTEN:
             self._params_written("their values or storage")
         reseeded = self.seeds.initial_seed_changed()
@@ -365,9 +393,11 @@ class Guard:
         row = torch.tensor([values[name] for name in agreement.FIELDS], dtype=torch.int64)
         row = row.to(self.device)
         row[agreement.INDEX["params"]] = params_hash(self.model).to(self.device)
-        row[agreement.INDEX["optimizer_state"]] = optimizer_state_hash(self.optimizer).to(
-            self.device
-        )
+        if self._checks % STATE_EVERY == 0:
+            # the optimizer state is three times the parameters: hashed every few checks
+            self._state_hash = optimizer_state_hash(self.optimizer).to(self.device)
+        row[agreement.INDEX["optimizer_state"]] = self._state_hash
+        self._checks += 1
         return row
 
     def _settle(self, start: bool = False) -> None:
@@ -488,6 +518,8 @@ class Guard:
         if self._closed:
             return
         self._closed = True
+        with contextlib.suppress(Exception):
+            self._drain()  # the steps since the last check
         self.watchdog.stop()
         self.audit.close()
         self.seeds.restore()
@@ -545,6 +577,12 @@ class Guard:
 
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
         self.close(error)
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(-1)[0] if value.numel() else None
+    return None if value is None else float(value)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -86,12 +86,18 @@ class _Seen:
     obj: Any
     code: Any
 
+    @property
+    def space(self) -> Any:
+        return vars(self.owner) if isinstance(self.owner, type) else None
+
 
 class PatchWatch:
     """Identity and code of every watched function, as at start."""
 
     def __init__(self, extra_classes: tuple[type, ...] = ()) -> None:
         self._seen: list[_Seen] = []
+        self._reported: set[tuple[int, str]] = set()
+        self._fast: list[tuple[Any, Any, str, Any, Any, Any]] | None = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # walking torch's namespaces touches deprecated names
             self._snapshot(extra_classes)
@@ -130,17 +136,28 @@ class PatchWatch:
         return len(self._seen)
 
     def changes(self) -> Iterator[str]:
-        """Each watched name whose object or code changed since the snapshot."""
-        for seen in self._seen:
-            space = vars(seen.owner)
-            current = space.get(seen.name) if isinstance(seen.owner, type) else None
-            if current is None:
-                current = getattr(seen.owner, seen.name, None)
-            where = f"{getattr(seen.owner, '__name__', seen.owner)}.{seen.name}"
-            if current is not seen.obj:
-                yield f"{where} was replaced"
-            elif seen.code is not None and _code_of(current) is not seen.code:
-                yield f"{where} had its code replaced"
+        """Each watched name whose object or code changed since the snapshot (once each)."""
+        if self._fast is None:
+            self._fast = [
+                (seen.space, seen.owner, seen.name, seen.obj, _func_of(seen.obj), seen.code)
+                for seen in self._seen
+            ]
+        for space, owner, name, obj, func, code in self._fast:
+            current = space.get(name) if space is not None else getattr(owner, name, None)
+            if current is obj and (code is None or func.__code__ is code):
+                continue
+            key = (id(owner), name)
+            if key in self._reported:
+                continue
+            self._reported.add(key)
+            where = f"{getattr(owner, '__name__', owner)}.{name}"
+            yield (
+                f"{where} was replaced" if current is not obj else f"{where} had its code replaced"
+            )
+
+
+def _func_of(obj: Any) -> Any:
+    return getattr(obj, "__func__", obj)
 
 
 def _hook_ids(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, set[int]]:
@@ -183,9 +200,11 @@ class HookWatch:
         self.known = _hook_ids(model, optimizer)
 
     def changes(self) -> Iterator[str]:
+        """New hooks since start (each reported once)."""
         for kind, now in _hook_ids(self.model, self.optimizer).items():
             added = now - self.known.get(kind, set())
             if added:
+                self.known.setdefault(kind, set()).update(added)
                 yield f"{len(added)} new {kind}(s) registered after start"
 
 
