@@ -142,7 +142,9 @@ class Guard:
         self._checks = 0
         self._state_hash = torch.zeros((), dtype=torch.int64)
         self._seed = seed
-        self.seeds = SeedWatch(lambda e: self._event(e, agreement.RESEEDED), seed)
+        # seeding before the guard starts is the job's own; the seed in force now is the
+        # baseline (ranks often seed differently: seed + rank)
+        self.seeds = SeedWatch(lambda e: self._event(e, agreement.RESEEDED), torch.initial_seed())
         self._install_optimizer_hooks()
         self.patches = PatchWatch((type(model), type(optimizer)))
         self.hooks = HookWatch(model, optimizer)

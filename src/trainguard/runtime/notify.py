@@ -28,6 +28,9 @@ class Notifier:
         threading.Thread(target=self._deliver, args=(body,), daemon=True).start()
 
     def _deliver(self, body: bytes) -> None:
+        from trainguard.runtime.sensors import QUIET
+
+        QUIET.on = True  # this thread is the guard's own: not a sensor event
         hook = self.hook or ""
         try:
             if hook.startswith(("http://", "https://")):

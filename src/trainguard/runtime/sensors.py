@@ -62,6 +62,10 @@ _REEXPORTS = {
 
 Event = dict[str, Any]
 
+#: set ``QUIET.on`` in a thread of the guard's own (the alert hook) to keep its
+#: subprocesses and connections out of the audit sensor
+QUIET = threading.local()
+
 
 def _resolve(dotted: str) -> Any:
     """The object at a dotted path, importing modules along the way."""
@@ -297,7 +301,7 @@ class AuditSensor:
         sys.addaudithook(self._hook)
 
     def _hook(self, event: str, args: tuple[Any, ...]) -> None:
-        if not self.active or getattr(self._local, "busy", False):
+        if not self.active or getattr(self._local, "busy", False) or getattr(QUIET, "on", False):
             return
         finding = self._classify(event, args)
         if finding is None:

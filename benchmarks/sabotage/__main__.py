@@ -1,0 +1,278 @@
+"""Command line of the sabotage benchmark: ``python -m benchmarks.sabotage run ...``.
+
+``run [--guard on|off] [--attack NAME|all] [--repeat N] [--steps S] --out DIR`` runs the
+clean job ``N`` times (seeds S, S+1, ...) plus a same-seed rerun, then every chosen attack
+scenario, writes ``DIR/results.json`` and prints a summary table. ``list`` prints the
+scenarios. See benchmarks/sabotage/README.md for the fields and the Guard's contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.sabotage.scenarios import SCENARIOS, Scenario, select
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sabotage", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print the scenarios")
+    run = sub.add_parser("run", help="run the benchmark")
+    run.add_argument("--out", type=Path, required=True, help="folder for results.json and the runs")
+    run.add_argument("--guard", choices=["on", "off"], default="off")
+    run.add_argument(
+        "--attack", default="all", help="all, a name, names or numbers, comma-separated"
+    )
+    run.add_argument("--repeat", type=int, default=3, help="clean runs with different seeds")
+    run.add_argument("--steps", type=int, default=300)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--preset", choices=["tiny", "cpu", "gpu"], default="cpu", help="model size")
+    run.add_argument("--nproc", type=int, default=2, help="ranks (1: one plain process)")
+    run.add_argument("--every", type=int, default=10, help="the Guard's check interval")
+    run.add_argument(
+        "--mode",
+        choices=["auto", "batch", "isolate"],
+        default="auto",
+        help="jobs per launch: batch shares one process group, isolate launches each (auto: "
+        "batch without the Guard, isolate with it)",
+    )
+    return parser.parse_args(argv)
+
+
+def assemble(bench: Any, scenarios: list[Scenario], started: float) -> dict[str, Any]:
+    from benchmarks.sabotage.evaluate import Run, detection, effect, l2
+
+    s = bench.s
+    launch_of = {e["name"]: lch for lch in bench.launches for e in lch.entries}
+    runs = {name: Run(path, s.nproc) for name, path in bench.runs.items()}
+    ref = runs["clean"]
+    cleans = [n for n in runs if n.startswith("clean") and n != "clean-unguarded"]
+    clean_rows = []
+    for name in cleans:
+        run = runs[name]
+        found = detection(None, run, launch_of.get(name), bench, {})
+        clean_rows.append(
+            {
+                "name": name,
+                "seed": run.r0.get("seed"),
+                "val_loss": run.r0.get("val_loss"),
+                "final_loss": (run.r0.get("losses") or [None])[-1],
+                "mean_step_time_s": run.mean_step_time(),
+                "alarm": found["detected"] or bool(run.alerts),
+                "status": found["status"],
+            }
+        )
+    rerun = runs["clean-rerun"]
+    seed_losses = [
+        r["val_loss"]
+        for r in clean_rows
+        if r["name"] != "clean-rerun" and r["val_loss"] is not None
+    ]
+    noise = {
+        "same_seed": {
+            "val_loss_delta": rerun.r0["val_loss"] - ref.r0["val_loss"],
+            "weight_l2": l2(rerun.weights(0), ref.weights(0)),
+        },
+        "different_seeds": {
+            "runs": len(seed_losses),
+            "val_loss_std": statistics.stdev(seed_losses) if len(seed_losses) > 1 else None,
+            "val_loss_max_abs_delta": max(abs(v - ref.r0["val_loss"]) for v in seed_losses),
+        },
+    }
+    reproducible = (
+        rerun.r0["losses"] == ref.r0["losses"]
+        and rerun.r0["val_loss"] == ref.r0["val_loss"]
+        and noise["same_seed"]["weight_l2"] == 0.0
+    )
+    overhead = None
+    if s.guard and "clean-unguarded" in runs:
+        guarded = [runs[n].mean_step_time() for n in ("clean", "clean-rerun")]
+        plain = runs["clean-unguarded"].mean_step_time()
+        if plain and all(guarded):
+            overhead = statistics.fmean(g for g in guarded if g) / plain
+    controls = {}
+    if "resume-clean" in runs:
+        resumed = runs["resume-clean"]
+        controls["resume-clean"] = {
+            **effect(resumed, ref, s.nproc),
+            "exact": resumed.r0.get("losses") == ref.r0["losses"][s.inject_step :]
+            and resumed.r0.get("val_loss") == ref.r0["val_loss"],
+        }
+    rows = []
+    for sc in scenarios:
+        run = runs[sc.name]
+        evidence = dict(bench.evidence.get(sc.name, {}))
+        for key in ("implant_marker", "record"):
+            if key in evidence:
+                path = Path(evidence.pop(key))
+                evidence[key.replace("_marker", "_ran")] = (
+                    json.loads(path.read_text()) if path.exists() else None
+                )
+        if sc.kind == "overlay":
+            evidence["imported"] = run.r0.get("code")
+        if sc.name == "resume-pickle":
+            evidence["payload_ran"] = Path(evidence["marker"]).exists()
+        row: dict[str, Any] = {
+            "attack": sc.name,
+            "number": sc.number,
+            "kind": sc.kind,
+            "summary": sc.summary,
+        }
+        row["injected"] = (
+            {"step": s.inject_step, "rank": s.attacked_rank}
+            if sc.rank_specific
+            else {"step": "before-start" if sc.before_start else "after-run", "rank": None}
+        )
+        row.update(detection(sc, run, launch_of.get(sc.name), bench, evidence))
+        if sc.kind == "records":
+            row["effect"] = {k: evidence[k] for k in ("records_changed", "bytes_changed", "files")}
+        else:
+            row["effect"] = effect(run, ref, s.nproc)
+            if sc.kind == "kill":
+                done = len(run.log_lines)
+                row["effect"].update(steps_completed=done, steps_lost=s.steps - done)
+            if sc.kind in ("resume", "config", "overlay"):
+                row["effect"].update(
+                    {k: v for k, v in evidence.items() if k in ("bytes_changed", "fields_changed")}
+                )
+        row["evidence"] = evidence
+        rows.append(row)
+    first = ref.r0
+    return {
+        "benchmark": "sabotage",
+        "command": " ".join(["python -m benchmarks.sabotage", *sys.argv[1:]]),
+        "guard": "on" if s.guard else "off",
+        "steps": s.steps,
+        "seed": s.seed,
+        "preset": s.preset,
+        "parameters": first.get("parameters"),
+        "world_size": s.nproc,
+        "device": first.get("device"),
+        "mode": s.mode,
+        "every": s.every,
+        "injection": {"step": s.inject_step, "rank": s.attacked_rank},
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "torch": __import__("torch").__version__,
+        "corpus_sha256": first.get("corpus_sha256"),
+        "clean": {
+            "val_loss": first.get("val_loss"),
+            "final_train_loss": (first.get("losses") or [None])[-1],
+            "reproducible": reproducible,
+            "mean_step_time_s": ref.mean_step_time(),
+            "runs": clean_rows,
+            "noise": noise,
+        },
+        "false_alarms": sum(r["alarm"] for r in clean_rows),
+        "clean_runs": len(clean_rows),
+        "overhead": overhead,
+        "controls": controls,
+        "scenarios": rows,
+        "timings": {
+            "total_s": time.perf_counter() - started,
+            "launches": {lch.name: round(lch.wall_s, 2) for lch in bench.launches},
+        },
+    }
+
+
+def describe(effect: dict[str, Any], straggler: bool = False) -> str:
+    """One line of the effect; step time only for the straggler, where it is the effect."""
+    parts = []
+    if "val_loss_delta" in effect:
+        parts.append(f"dval {effect['val_loss_delta']:+.4f}")
+    if effect.get("weight_l2") is not None:
+        parts.append(f"w {effect['weight_l2']:.3g}")
+    if effect.get("replica_l2"):
+        parts.append(f"replicas {effect['replica_l2']:.3g}")
+    if straggler and "step_time_ratio" in effect:
+        parts.append(f"step time x{effect['step_time_ratio']:.2f}")
+    if "steps_lost" in effect:
+        parts.append(f"lost {effect['steps_lost']} steps")
+    if "records_changed" in effect:
+        parts.append(f"{effect['records_changed']} records")
+    if "bytes_changed" in effect:
+        parts.append(f"{effect['bytes_changed']} bytes")
+    return ", ".join(parts)
+
+
+def table(results: dict[str, Any]) -> str:
+    clean = results["clean"]
+    noise = clean["noise"]["different_seeds"]
+    std = f"{noise['val_loss_std']:.4f}" if noise["val_loss_std"] is not None else "n/a"
+    overhead = f"{results['overhead']:.4f}" if results["overhead"] is not None else "n/a"
+    lines = [
+        f"guard {results['guard']}, {results['world_size']} rank(s) on {results['device']}, "
+        f"{results['steps']} steps, preset {results['preset']}, seed {results['seed']}; "
+        f"attacks at step {results['injection']['step']} on rank {results['injection']['rank']}",
+        f"clean val loss {clean['val_loss']:.6f} (train {clean['final_train_loss']:.4f}); "
+        f"same seed reproduces bit for bit: {clean['reproducible']}; seed-to-seed std {std}",
+        f"false alarms {results['false_alarms']}/{results['clean_runs']}; overhead {overhead}",
+        "",
+        f"{'scenario':<21}{'#':>3}  {'detected':<9}{'steps':>6}  {'detector':<14}{'rank':>5}"
+        "  effect",
+    ]
+    for row in results["scenarios"]:
+        steps = "-" if row["steps_to_detection"] is None else str(row["steps_to_detection"])
+        rank = "-" if row["rank_named"] is None else str(row["rank_named"])
+        detected = "yes" if row["detected"] else "no"
+        detector = (row["detector"] or "-")[:13]
+        lines.append(
+            f"{row['attack']:<21}{row['number']:>3}  {detected:<9}{steps:>6}  {detector:<14}"
+            f"{rank:>5}  {describe(row['effect'], row['number'] == 8)}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "list":
+        for sc in SCENARIOS:
+            print(f"{sc.number:>2}  {sc.name:<21} {sc.kind:<8} {sc.summary}")
+        return 0
+    try:
+        scenarios = select(args.attack)
+    except KeyError as exc:
+        print(
+            f"error: unknown attack {exc}; see `python -m benchmarks.sabotage list`",
+            file=sys.stderr,
+        )
+        return 2
+    if args.guard == "on":
+        from benchmarks.sabotage.guard_hook import guard_available
+
+        missing = guard_available()
+        if missing is not None:
+            print(f"error: --guard on needs trainguard.Guard: {missing}", file=sys.stderr)
+            return 2
+    from benchmarks.sabotage.runner import Settings, run_all
+
+    mode = args.mode if args.mode != "auto" else ("isolate" if args.guard == "on" else "batch")
+    settings = Settings(
+        out=args.out,
+        steps=args.steps,
+        seed=args.seed,
+        preset=args.preset,
+        nproc=args.nproc,
+        guard=args.guard == "on",
+        repeat=max(2, args.repeat),
+        mode=mode,
+        every=args.every,
+    )
+    started = time.perf_counter()
+    bench = run_all(settings, scenarios)
+    results = assemble(bench, scenarios, started)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(f"\nwrote {args.out / 'results.json'} in {results['timings']['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Runs the reference job clean and under attack, and collects what happened.
+
+The work is grouped into launches (one ``torchrun`` or one process each): the clean runs;
+the in-process attacks (with the implant's sitecustomize first on PYTHONPATH); the resume
+and configuration attacks (after the clean reference has written the checkpoint they start
+from); the edited environment; each kill (with its attacker process); and the record
+rewrites (on a copy of the clean run's folder, after it ended). In ``batch`` mode a launch
+runs its jobs one after another in one process group, which saves the start-up cost; in
+``isolate`` mode every job gets its own launch (the default with the Guard on, because a
+Guard that halts one job must not take the others down with it).
+
+Everything is written under ``OUT``: ``runs/NAME/`` per job (config, logs, checkpoints,
+results, final weights), ``work/`` for the attackers' material, ``launches/`` for the
+launchers' output; ``evaluate.py`` turns them into ``results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.sabotage import attackers, implant
+from benchmarks.sabotage.job import JobConfig, write_config
+from benchmarks.sabotage.scenarios import Scenario
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Settings:
+    out: Path
+    steps: int = 300
+    seed: int = 0
+    preset: str = "cpu"
+    nproc: int = 2
+    guard: bool = False
+    repeat: int = 3
+    mode: str = "batch"
+    every: int = 10
+    timeout_s: float = 1800.0
+
+    @property
+    def inject_step(self) -> int:
+        return max(1, self.steps // 3)
+
+    @property
+    def attacked_rank(self) -> int:
+        return self.nproc - 1
+
+
+@dataclass
+class Launch:
+    """One launcher invocation and what came back."""
+
+    name: str
+    entries: list[dict[str, Any]]
+    pythonpath: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    guard: bool = False
+    attacker: list[str] | None = None  # a command run alongside (the killer)
+    returncode: int | None = None
+    wall_s: float = 0.0
+    log: str = ""
+
+
+class Bench:
+    """Prepares run folders and launches; ``runs`` maps job names to their folders."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.root = settings.out
+        self.runs: dict[str, Path] = {}
+        self.launches: list[Launch] = []
+        self.evidence: dict[str, dict[str, Any]] = {}
+        for sub in ("runs", "work", "launches"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.guard_env: dict[str, str] = {}
+        if settings.guard:
+            # the job owner's signing key, kept outside the runs (the Guard signs its ledger
+            # and checkpoints under it); made once per invocation
+            keys = self.root / "work" / "owner-key"
+            if not (keys / "trainguard.key").exists():
+                cmd = [sys.executable, "-m", "trainguard", "keygen", "-o", str(keys)]
+                subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+            self.guard_env["TRAINGUARD_OWNER_KEY"] = str(keys / "trainguard.key")
+
+    # --- jobs ------------------------------------------------------------------------
+
+    def config(self, **overrides: Any) -> JobConfig:
+        s = self.s
+        cfg = JobConfig(steps=s.steps, seed=s.seed, preset=s.preset, guard_every=s.every)
+        return dataclasses.replace(cfg, **overrides)
+
+    def job(
+        self, name: str, cfg: JobConfig, implant_spec: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A run folder with its config and submission record; returns the plan entry."""
+        run_dir = self.root / "runs" / name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        digest = write_config(cfg, run_dir / "config.json")
+        submission = {"config": "config.json", "sha256": digest, "submitted_at": time.time()}
+        (run_dir / "submission.json").write_text(json.dumps(submission, indent=1))
+        self.runs[name] = run_dir
+        return {
+            "name": name,
+            "config": str(run_dir / "config.json"),
+            "run_dir": str(run_dir),
+            "implant": implant_spec,
+        }
+
+    # --- launching -------------------------------------------------------------------
+
+    def command(self, plan: Path, guard: bool) -> list[str]:
+        job = [
+            "-m",
+            "benchmarks.sabotage.job",
+            "--plan",
+            str(plan),
+            "--guard",
+            "on" if guard else "off",
+        ]
+        if self.s.nproc == 1:
+            return [sys.executable, *job]
+        torchrun = [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(self.s.nproc),
+        ]
+        return [sys.executable, *torchrun, *job]
+
+    def launch(self, launch: Launch) -> None:
+        """Runs ``launch`` (split per job in isolate mode) and records how it ended."""
+        if self.s.mode == "isolate" and len(launch.entries) > 1:
+            for entry in launch.entries:
+                single = dataclasses.replace(
+                    launch, name=f"{launch.name}-{entry['name']}", entries=[entry]
+                )
+                self.launch(single)
+            return
+        plan = self.root / "launches" / f"{launch.name}.plan.json"
+        plan.write_text(json.dumps(launch.entries, indent=1))
+        env = {k: v for k, v in os.environ.items() if k != "SABOTAGE_IMPLANT"}
+        paths = [*launch.pythonpath, str(REPO), *filter(None, [env.get("PYTHONPATH")])]
+        env.update({"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1", **launch.env})
+        if launch.guard:
+            env.update(self.guard_env)
+        started = time.perf_counter()
+        with open(self.root / "launches" / f"{launch.name}.log", "w+") as log:
+            proc = subprocess.Popen(
+                self.command(plan, launch.guard),
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            attacker = None
+            if launch.attacker:
+                attacker = subprocess.Popen(launch.attacker, cwd=REPO, env=env)
+            try:
+                launch.returncode = proc.wait(timeout=self.s.timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                launch.returncode = proc.wait()
+            if attacker is not None:
+                try:
+                    attacker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    attacker.kill()
+            log.seek(0)
+            launch.log = log.read()
+        launch.wall_s = time.perf_counter() - started
+        for entry in launch.entries:
+            entry["launch"] = launch.name
+        self.launches.append(launch)
+
+    # --- the phases --------------------------------------------------------------------
+
+    def clean_runs(self) -> list[str]:
+        """The reference (seed S, checkpoint at K), its rerun, and repeat-1 other seeds."""
+        s, k = self.s, self.s.inject_step
+        entries = [
+            self.job("clean", self.config(save_at=[k])),
+            self.job("clean-rerun", self.config()),
+        ]
+        entries += [
+            self.job(f"clean-seed{s.seed + i}", self.config(seed=s.seed + i))
+            for i in range(1, s.repeat)
+        ]
+        self.launch(Launch("clean", entries, guard=s.guard))
+        if s.guard:  # the same job without the Guard, in the same invocation, for the overhead
+            self.launch(Launch("unguarded", [self.job("clean-unguarded", self.config())]))
+        return [e["name"] for e in entries]
+
+    def implant_runs(self, scenarios: list[Scenario]) -> None:
+        if not scenarios:
+            return
+        site = implant.sitecustomize_dir(self.root / "work" / "implant")
+        entries = []
+        for sc in scenarios:
+            marker = self.root / "work" / f"{sc.name}.implant-ran.json"
+            marker.unlink(missing_ok=True)
+            spec = {
+                **sc.params,
+                "step": self.s.inject_step,
+                "rank": self.s.attacked_rank,
+                "marker": str(marker),
+            }
+            entries.append(self.job(sc.name, self.config(), spec))
+            self.evidence[sc.name] = {"implant": spec, "implant_marker": str(marker)}
+        self.launch(Launch("implant", entries, pythonpath=[str(site)], guard=self.s.guard))
+
+    def resume_runs(self, scenarios: list[Scenario]) -> None:
+        """Resume-from-checkpoint and configuration attacks; needs the clean reference."""
+        if not scenarios:
+            return
+        k = self.s.inject_step
+        source = self.runs["clean"] / "ckpt" / f"step{k}.pt"
+        if not source.exists():
+            result = json.loads((self.runs["clean"] / "result-rank0.json").read_text() or "{}")
+            why = f"status {result.get('status')}: {result.get('reason')}"
+            raise RuntimeError(f"the clean reference run wrote no checkpoint at step {k} ({why})")
+        entries = []
+        resumes = [sc for sc in scenarios if sc.kind == "resume"]
+        if resumes:  # the control: the same resume from the untouched checkpoint
+            entries.append(
+                self.job(
+                    "resume-clean",
+                    self.config(resume_from=str(self._copy_ckpt(source, "resume-clean"))),
+                )
+            )
+        for sc in sorted(
+            scenarios, key=lambda sc: sc.name == "resume-pickle"
+        ):  # payloads persist: last
+            if sc.kind == "config":
+                entry = self.job(sc.name, self.config())
+                changes = {"lr": self.config().lr * 4}
+                self.evidence[sc.name] = attackers.tamper_config(Path(entry["config"]), changes)
+            elif sc.name == "resume-pickle":
+                path = self._copy_ckpt(source, sc.name)
+                marker = self.root / "work" / "resume-pickle.payload-ran"
+                marker.unlink(missing_ok=True)
+                self.evidence[sc.name] = attackers.poison_checkpoint(path, path, marker)
+                entry = self.job(sc.name, self.config(resume_from=str(path)))
+            else:
+                path = self._copy_ckpt(source, sc.name)
+                self.evidence[sc.name] = attackers.tamper_checkpoint(
+                    path, sc.params["mode"], self.s.seed
+                )
+                entry = self.job(sc.name, self.config(resume_from=str(path)))
+            entries.append(entry)
+        self.launch(Launch("resume", entries, guard=self.s.guard))
+
+    def _copy_ckpt(self, source: Path, name: str) -> Path:
+        dest = self.root / "work" / "ckpt" / name / source.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for file in source.parent.glob(source.name + "*"):  # the checkpoint and any sidecar
+            copy = shutil.copytree if file.is_dir() else shutil.copy2
+            copy(file, dest.parent / file.name)
+        return dest
+
+    def overlay_run(self, sc: Scenario) -> None:
+        overlay = self.root / "work" / "overlay"
+        if overlay.exists():
+            shutil.rmtree(overlay)
+        info = attackers.build_overlay(overlay)
+        info["record_mismatches"] = attackers.record_mismatches(overlay)
+        self.evidence[sc.name] = info
+        entry = self.job(sc.name, self.config())
+        env = {"PYTHONDONTWRITEBYTECODE": "1"}
+        self.launch(
+            Launch(sc.name, [entry], pythonpath=[str(overlay)], env=env, guard=self.s.guard)
+        )
+
+    def kill_run(self, sc: Scenario) -> None:
+        entry = self.job(sc.name, self.config())
+        record = self.root / "work" / f"{sc.name}.kill.json"
+        record.unlink(missing_ok=True)
+        attacker = [
+            sys.executable,
+            "-m",
+            "benchmarks.sabotage.attackers",
+            "kill",
+            "--run-dir",
+            entry["run_dir"],
+            "--rank",
+            str(self.s.attacked_rank),
+            "--after-step",
+            str(self.s.inject_step),
+            "--signal",
+            sc.params["signal"],
+            "--out",
+            str(record),
+        ]
+        self.evidence[sc.name] = {"record": str(record)}
+        self.launch(Launch(sc.name, [entry], attacker=attacker, guard=self.s.guard))
+
+    def records_run(self, sc: Scenario) -> None:
+        """Rewrites a finished run's records: a copy of the clean reference's folder."""
+        run_dir = self.root / "runs" / sc.name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        shutil.copytree(self.runs["clean"], run_dir, ignore=shutil.ignore_patterns("ckpt"))
+        self.runs[sc.name] = run_dir
+        ledger = [sys.executable, "-m", "trainguard", "ledger"]
+        head = self.root / "work" / f"{sc.name}.head.json"
+        if self.s.guard:
+            # what the team keeps outside the run folder when the run ends: without it, a
+            # ledger whose tail was cut reads as a run that is still open
+            cmd = [*ledger, "head", str(run_dir), "--format", "json"]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+            head.write_text(proc.stdout)
+        info = attackers.tamper_records(run_dir, sc.params["mode"], first=self.s.inject_step)
+        if self.s.guard:
+            verify = [*ledger, "verify", str(run_dir), "--format", "json"]
+            if head.stat().st_size:
+                verify += ["--head", str(head)]
+            proc = subprocess.run(verify, cwd=REPO, capture_output=True, text=True, check=False)
+            info["ledger_verify"] = {
+                "command": verify[1:],
+                "returncode": proc.returncode,
+                "stdout": proc.stdout[-4000:],
+                "stderr": proc.stderr[-2000:],
+            }
+        self.evidence[sc.name] = info
+
+
+def run_all(settings: Settings, scenarios: list[Scenario]) -> Bench:
+    """All launches for ``scenarios`` plus the clean runs, in dependency order."""
+    bench = Bench(settings)
+    bench.clean_runs()
+    bench.implant_runs([sc for sc in scenarios if sc.kind == "implant"])
+    bench.resume_runs([sc for sc in scenarios if sc.kind in ("resume", "config")])
+    for sc in scenarios:
+        if sc.kind == "overlay":
+            bench.overlay_run(sc)
+        elif sc.kind == "kill":
+            bench.kill_run(sc)
+        elif sc.kind == "records":
+            bench.records_run(sc)
+    return bench
