@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench-scan clean
+.PHONY: venv demo demo-checkpoints test lint bench-scan clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+demo-checkpoints: $(STAMP)
+	$(BIN)/python scripts/demo_checkpoints.py
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks scripts

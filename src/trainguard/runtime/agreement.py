@@ -39,6 +39,7 @@ FIELDS = (
     "loss_drift",
     "pid",
     "severity",
+    "arrival_us",
 )
 INDEX = {name: i for i, name in enumerate(FIELDS)}
 
@@ -50,11 +51,17 @@ PATCHED = 8
 PARAMS_WRITTEN = 16
 DATA_ALTERED = 32
 AUDIT_EVENT = 64
+GRADS_ALTERED = 128
 
 #: which evidence explains a disagreement on which field
 EVIDENCE = {
-    "params": PARAMS_WRITTEN | PATCHED | LR_OFF_SCHEDULE | HYPER_CHANGED | DATA_ALTERED,
-    "optimizer_state": PATCHED | HYPER_CHANGED | LR_OFF_SCHEDULE,
+    "params": PARAMS_WRITTEN
+    | PATCHED
+    | LR_OFF_SCHEDULE
+    | HYPER_CHANGED
+    | DATA_ALTERED
+    | GRADS_ALTERED,
+    "optimizer_state": PATCHED | HYPER_CHANGED | LR_OFF_SCHEDULE | GRADS_ALTERED,
     "hyperparameters": HYPER_CHANGED,
     "lr": LR_OFF_SCHEDULE,
     # foreign code that ran on a rank (a re-seed, a patch, a write) explains its RNG moving
@@ -93,14 +100,17 @@ def gather(row: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 @dataclass
 class Straggler:
-    """A rank steadily slower than its peers (busy time, not time spent waiting for them)."""
+    """A rank steadily slower than its peers, by two measures that do not count the time
+    a rank spends waiting for the others: its busy time per step (wall time less the
+    wait in DDP's all-reduce, when the guard could time it), and how late it reaches the
+    check's collective (the last to arrive waits least)."""
 
     factor: float = 1.5
     min_seconds: float = 0.02
     patience: int = 2
     streaks: dict[int, int] | None = None
 
-    def check(self, step: int, busy: Sequence[float]) -> list[Alert]:
+    def check(self, step: int, busy: Sequence[float], arrival: Sequence[float]) -> list[Alert]:
         if self.streaks is None:
             self.streaks = {}
         alerts = []
@@ -109,18 +119,24 @@ class Straggler:
             if not others:
                 continue
             typical = statistics.median(others)
-            slow = mine > self.factor * typical and mine - typical > self.min_seconds
-            self.streaks[rank] = self.streaks.get(rank, 0) + 1 if slow else 0
+            lag = arrival[rank] - statistics.median(a for r, a in enumerate(arrival) if r != rank)
+            slow_work = mine > self.factor * typical and mine - typical > self.min_seconds
+            late = lag > self.min_seconds and lag > (self.factor - 1) * typical
+            self.streaks[rank] = self.streaks.get(rank, 0) + 1 if slow_work or late else 0
             if self.streaks[rank] == self.patience:
+                how = (
+                    f"{mine * 1e3:.0f} ms of work per step against {typical * 1e3:.0f} ms"
+                    if slow_work
+                    else f"reaches the check {lag * 1e3:.0f} ms after its peers"
+                )
                 alerts.append(
                     Alert(
                         step,
                         rank,
                         "straggler",
                         Severity.MEDIUM,
-                        f"rank {rank} is steadily slower: {mine * 1e3:.0f} ms of work per step "
-                        f"against {typical * 1e3:.0f} ms on its peers",
-                        {"busy_s": mine, "peers_s": typical},
+                        f"rank {rank} is steadily slower: {how}",
+                        {"busy_s": mine, "peers_s": typical, "lag_s": lag},
                     )
                 )
         return alerts

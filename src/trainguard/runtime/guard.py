@@ -103,6 +103,8 @@ class Guard:
         self.alerts: list[Alert] = []
         self.events: list[dict[str, Any]] = []
         self._step = 0
+        self._done = False  # the current step's optimizer.step has run
+        self._stepped = False  # training has started (seeding before that is set-up)
         self._flags = 0
         self._pending_severity = 0
         self._closed = False
@@ -146,6 +148,8 @@ class Guard:
         # baseline (ranks often seed differently: seed + rank)
         self.seeds = SeedWatch(lambda e: self._event(e, agreement.RESEEDED), torch.initial_seed())
         self._install_optimizer_hooks()
+        # before the patch snapshot: the guard observes dist.all_reduce itself
+        self.comm = CommTimer(model, lambda: (self._step + 1) % self.every == 0)
         self.patches = PatchWatch((type(model), type(optimizer)))
         self.hooks = HookWatch(model, optimizer)
         self.audit = AuditSensor(lambda e: self._event(e, agreement.AUDIT_EVENT))
@@ -157,13 +161,18 @@ class Guard:
         self._diverged: set[str] = set()
         self._pending_diverged: set[str] = set()
         self._blamed: dict[str, int] = {}
+        self._gone: set[int] = set()
         self._busy_window: list[float] = []
-        self.comm = CommTimer(model)
         self._peers = self._exchange_pids()
         self._last_end = time.perf_counter()
-        for alert in env_alerts:
-            self._raise(alert)
-        self._settle(start=True)
+        try:
+            for alert in env_alerts:
+                self._raise(alert)
+            self._settle(start=True)
+        except BaseException as exc:
+            # refused at start: nothing of the guard may outlive it (its audit hook blocks)
+            self.close(exc)
+            raise
 
     # --- hooks around optimizer.step -----------------------------------------------
 
@@ -176,13 +185,22 @@ class Guard:
         self._writes = WriteWatch(self._params)
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
+            self._done = False
             self._lr_used = learning_rates(opt)
+            self.comm.in_backward = False
+            altered = self.comm.grads_changed(self._params) if self.comm.active else None
+            if altered:
+                self._event(
+                    {"event": "grads-altered", "detail": f"after the all-reduce: {altered}"},
+                    agreement.GRADS_ALTERED,
+                )
             self._writes.before_step()
             if self._versions_after is not None and self._versions() != self._versions_after:
                 self._versions_after = None
                 self._params_written("an in-place operation")
 
         def post(opt: Any, args: Any, kwargs: Any) -> None:
+            self._done = True
             self._versions_after = self._versions()
             self._writes.after_step()
             self._opt_end = time.perf_counter()
@@ -206,10 +224,17 @@ class Guard:
 
     # --- events and alerts ---------------------------------------------------------
 
+    @property
+    def at(self) -> int:
+        """The step an alert is about: once a step's optimizer.step has run, what is seen
+        can only affect the next one."""
+        return self._step + 1 if self._done else self._step
+
     def _event(self, event: dict[str, Any], flag: int) -> None:
-        event = {"step": self._step, "rank": self.rank, **event}
+        event = {"step": self.at, "rank": self.rank, **event}
         self.events.append(event)
-        if event.get("event") in _RECORD_ONLY:
+        setup = flag == agreement.RESEEDED and not self._stepped
+        if event.get("event") in _RECORD_ONLY or setup:
             # code compiled from strings is common inside torch itself: kept, not alerted
             with contextlib.suppress(Error):
                 self.ledger.append("sensor.event", event, rank=self.rank)
@@ -218,7 +243,7 @@ class Guard:
         severity = Severity.HIGH
         self._raise(
             Alert(
-                self._step,
+                self.at,
                 self.rank,
                 f"sensor:{event['event']}",
                 severity,
@@ -242,9 +267,11 @@ class Guard:
             self._pending_severity = max(self._pending_severity, int(alert.severity))
 
     def _on_signal(self, event: dict[str, Any]) -> None:
+        # a launcher stops the survivors after one rank died: say which one first
+        self._peers_gone()
         self._raise(
             Alert(
-                self._step,
+                self.at,
                 self.rank,
                 "signal",
                 Severity.CRITICAL,
@@ -258,7 +285,7 @@ class Guard:
     def _on_hang(self, idle: float, stacks: dict[str, str]) -> None:
         self._raise(
             Alert(
-                self._step,
+                self.at,
                 self.rank,
                 "hang",
                 Severity.HIGH,
@@ -286,6 +313,9 @@ class Guard:
             self._guard_failed(exc)
         finally:
             self._step += 1
+            self._done = False
+            self.comm.in_backward = True
+            self._stepped = True
             self._last_end = time.perf_counter()
 
     def _local_checks(self, loss: Any, grad_norm: Any, now: float) -> None:
@@ -302,7 +332,7 @@ class Guard:
             self._flags |= agreement.HYPER_CHANGED
             self._raise(
                 Alert(
-                    self._step,
+                    self.at,
                     self.rank,
                     "hyperparameters",
                     Severity.HIGH,
@@ -340,10 +370,10 @@ class Guard:
         self._drain()
         for change in self.patches.changes():
             self._flags |= agreement.PATCHED
-            self._raise(Alert(self._step, self.rank, "monkeypatch", Severity.HIGH, change, {}))
+            self._raise(Alert(self.at, self.rank, "monkeypatch", Severity.HIGH, change, {}))
         for change in self.hooks.changes():
             self._flags |= agreement.PATCHED
-            self._raise(Alert(self._step, self.rank, "hooks", Severity.HIGH, change, {}))
+            self._raise(Alert(self.at, self.rank, "hooks", Severity.HIGH, change, {}))
         if self._writes.written() and not self._flags & agreement.PARAMS_WRITTEN:
             self._params_written("their values or storage")
         reseeded = self.seeds.initial_seed_changed()
@@ -351,7 +381,7 @@ class Guard:
             self._event({"event": "reseed", "detail": reseeded}, agreement.RESEEDED)
             self.seeds.seed = torch.initial_seed()
         table = agreement.gather(self._row(), self.group)
-        for alert in agreement.compare(self._step, table, self._compared):
+        for alert in agreement.compare(self.at, table, self._compared):
             key = str(alert.details.get("field"))
             if key in self._diverged:
                 continue  # reported at an earlier check; a divergence does not heal
@@ -364,8 +394,10 @@ class Guard:
                 self._raise(alert)
         self._diverged |= self._pending_diverged
         self._pending_diverged.clear()
-        busy = [row[agreement.INDEX["busy_us"]] / 1e6 for row in table.tolist()]
-        for alert in self._straggler.check(self._step, busy):
+        rows = table.tolist()
+        busy = [row[agreement.INDEX["busy_us"]] / 1e6 for row in rows]
+        arrival = [row[agreement.INDEX["arrival_us"]] / 1e6 for row in rows]
+        for alert in self._straggler.check(self.at, busy, arrival):
             if alert.rank == self.rank or self.rank == 0:
                 self._raise(alert)
         self._table = table
@@ -391,6 +423,7 @@ class Guard:
             "loss_drift": float_bits(self._loss.drift()),
             "pid": os.getpid(),
             "severity": self._pending_severity,
+            "arrival_us": 0,
         }
         row = torch.tensor([values[name] for name in agreement.FIELDS], dtype=torch.int64)
         row = row.to(self.device)
@@ -400,6 +433,8 @@ class Guard:
             self._state_hash = optimizer_state_hash(self.optimizer).to(self.device)
         row[agreement.INDEX["optimizer_state"]] = self._state_hash
         self._checks += 1
+        # last, just before the collective: when this rank got there
+        row[agreement.INDEX["arrival_us"]] = int(time.time() * 1e6)
         return row
 
     def _settle(self, start: bool = False) -> None:
@@ -421,7 +456,7 @@ class Guard:
             )
             if worst is None:
                 worst = Alert(
-                    self._step,
+                    self.at,
                     None,
                     "peer",
                     Severity(severity),
@@ -437,9 +472,7 @@ class Guard:
             self.ledger.append("guard.error", {"error": repr(exc)[:500]}, rank=self.rank)
         if self.policy == "halt":
             raise GuardHalt(
-                Alert(
-                    self._step, self.rank, "guard", Severity.HIGH, f"the guard failed: {exc!r}", {}
-                )
+                Alert(self.at, self.rank, "guard", Severity.HIGH, f"the guard failed: {exc!r}", {})
             ) from exc
 
     def _exchange_pids(self) -> list[tuple[str, int]]:
@@ -498,7 +531,7 @@ class Guard:
             )
         except CheckpointError as exc:
             alert = Alert(
-                self._step,
+                self.at,
                 self.rank,
                 "checkpoint",
                 Severity.CRITICAL,
@@ -511,6 +544,7 @@ class Guard:
             raise
         if loaded.step is not None:
             self._step = int(loaded.step)
+        self._stepped = False  # restoring RNG states after a resume is set-up too
         return loaded
 
     # --- closing -------------------------------------------------------------------------
@@ -524,6 +558,7 @@ class Guard:
             self._drain()  # the steps since the last check
         self.watchdog.stop()
         self.audit.close()
+        self.comm.close()
         self.seeds.restore()
         for handle in self._hook_handles:
             handle.remove()
@@ -547,25 +582,10 @@ class Guard:
             self.ledger.close()
 
     def _report_failure(self, error: BaseException) -> None:
-        gone = [
-            r
-            for r, (host, pid) in enumerate(self._peers)
-            if r != self.rank and host == socket.gethostname() and not pid_alive(pid)
-        ]
-        for rank in gone:
-            self._raise(
-                Alert(
-                    self._step,
-                    rank,
-                    "liveness",
-                    Severity.CRITICAL,
-                    f"rank {rank} (pid {self._peers[rank][1]}) is gone: killed or crashed",
-                    {"pid": self._peers[rank][1]},
-                )
-            )
+        self._peers_gone()
         self._raise(
             Alert(
-                self._step,
+                self.at,
                 self.rank,
                 "failure",
                 Severity.HIGH,
@@ -573,6 +593,24 @@ class Guard:
                 {},
             )
         )
+
+    def _peers_gone(self) -> None:
+        """Alerts for peer ranks on this host whose process no longer exists (once each)."""
+        host = socket.gethostname()
+        for rank, (where, pid) in enumerate(self._peers):
+            if rank == self.rank or where != host or rank in self._gone or pid_alive(pid):
+                continue
+            self._gone.add(rank)
+            self._raise(
+                Alert(
+                    self.at,
+                    rank,
+                    "liveness",
+                    Severity.CRITICAL,
+                    f"rank {rank} (pid {pid}) is gone: killed or crashed",
+                    {"pid": pid},
+                )
+            )
 
     def __enter__(self) -> Guard:
         return self

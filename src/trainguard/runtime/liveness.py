@@ -10,6 +10,7 @@ the surviving ranks notice the dead peer instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -157,42 +158,97 @@ def pid_alive(pid: int) -> bool:
 
 
 class CommTimer:
-    """Time each rank spends waiting in DDP's gradient all-reduce, through a comm hook.
+    """Time each rank spends waiting in collectives, and the gradients they produce.
 
-    All ranks leave an all-reduce together, so wall step times are equal; the waiting is
-    what differs: a slow rank waits little, its peers wait for it. A model that is not
-    DDP, or already has a comm hook, reports no waiting.
+    All ranks leave a collective together, so wall step times are equal; the waiting is
+    what differs: a slow rank waits little, its peers wait for it. The guard observes
+    ``torch.distributed.all_reduce`` (through which the loss is usually averaged and, with
+    the stock comm hook it registers when the model has none, DDP's gradient buckets
+    go): the time each call takes, and on check steps the sum of the reduced values'
+    bit patterns, which must equal the same sum over the gradients the optimizer then
+    uses — gradients changed after the all-reduce are local to a rank.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, sample_now: Callable[[], bool] = lambda: False) -> None:
+        import torch.distributed as dist
+
         self._wait = 0.0
         self._lock = threading.Lock()
-        self.active = False
-        register = getattr(model, "register_comm_hook", None)
-        if register is None:
+        self.sample_now = sample_now
+        self.in_backward = True  # between a step's start and its optimizer.step
+        self._reduced: Any = None
+        self.active = dist.is_available() and dist.is_initialized()
+        if not self.active:
             return
-        try:
-            # DDP inspects the hook's annotations; a lambda has none to mislead it
-            register(state=None, hook=lambda state, bucket: self._hook(state, bucket))
-            self.active = True
-        except (RuntimeError, ValueError, TypeError):
-            self.active = False
+        register = getattr(model, "register_comm_hook", None)
+        if register is not None:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    def _hook(self, state: Any, bucket: Any) -> Any:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            # the stock hook: DDP's buckets then go through dist.all_reduce, which we
+            # observe; a model with a hook of its own raises here and keeps it
+            with contextlib.suppress(RuntimeError, ValueError, TypeError):
+                register(state=None, hook=allreduce_hook)
+        self._original = dist.all_reduce
+        dist.all_reduce = self._all_reduce
 
+    def _all_reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
-        future = allreduce_hook(state, bucket)
+        sample = self.in_backward and self.sample_now()
+        work = self._original(tensor, *args, **kwargs)
+        if work is None:
+            self._done(started, tensor if sample else None)
+            return work
+        work.get_future().then(lambda fut: self._done(started, tensor if sample else None))
+        return work
 
-        def finished(fut: Any) -> Any:
-            waited = time.perf_counter() - started
-            with self._lock:
-                self._wait = max(self._wait, waited)
-            return fut.value()
+    def _done(self, started: float, reduced: Any) -> None:
+        waited = time.perf_counter() - started
+        sums = _moments(reduced) if reduced is not None else None
+        with self._lock:
+            self._wait += waited
+            if sums is not None:
+                self._reduced = sums if self._reduced is None else self._reduced + sums
 
-        return future.then(finished)
+    def grads_changed(self, params: list[Any]) -> str | None:
+        """On a sampled step: are the gradients about to be used what the all-reduces
+        produced, up to one positive factor (clipping, loss-scale unscaling)? Compares
+        (sum, sum of absolute values, sum of squares) in float64; one sync."""
+        with self._lock:
+            reduced, self._reduced = self._reduced, None
+        if reduced is None:
+            return None
+        import torch
+
+        used = torch.zeros(3, dtype=torch.float64, device=reduced.device)
+        for p in params:
+            if p.grad is not None:
+                used += _moments(p.grad).to(used.device)
+        (r_sum, r_abs, r_sq), (u_sum, u_abs, u_sq) = reduced.tolist(), used.tolist()
+        if r_abs == 0.0:
+            return None if u_abs == 0.0 else "gradients appeared after an all-reduce of zeros"
+        c = u_abs / r_abs
+        tol = 1e-4
+        if abs(u_sq - c * c * r_sq) > tol * max(c * c * r_sq, 1e-300):
+            return "gradients are not the all-reduced ones (their spread changed)"
+        if abs(u_sum - c * r_sum) > tol * c * r_abs:
+            return "gradients are not the all-reduced ones (their signs changed)"
+        return None
 
     def take_wait(self) -> float:
         with self._lock:
             waited, self._wait = self._wait, 0.0
         return waited
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.active and dist.all_reduce is self._all_reduce:
+            dist.all_reduce = self._original
+
+
+def _moments(tensor: Any) -> Any:
+    """(sum, sum of absolute values, sum of squares) of a tensor, in float64, on its device."""
+    import torch
+
+    flat = tensor.detach().reshape(-1).to(torch.float64)
+    return torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum()])

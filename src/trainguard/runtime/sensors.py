@@ -30,6 +30,7 @@ import torch
 from trainguard.artifacts.allowlist import rule_for
 
 _WATCHED_MODULES = (
+    "torch",
     "torch.nn.functional",
     "torch.optim.adam",
     "torch.optim.adamw",
@@ -130,6 +131,10 @@ class PatchWatch:
 
     def _snapshot_namespace(self, owner: Any, space: Any, label: str, only_own: bool) -> None:
         for name, obj in list(space.items()):
+            if isinstance(obj, types.BuiltinFunctionType) and only_own:
+                # C functions re-exported by a module (F.gelu, torch.matmul): watched by identity
+                self._seen.append(_Seen(owner, name, obj, None))
+                continue
             if only_own and getattr(obj, "__module__", None) != label:
                 continue
             if isinstance(obj, (types.FunctionType, staticmethod, classmethod, property)):
