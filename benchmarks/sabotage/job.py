@@ -62,7 +62,7 @@ class JobConfig:
     eval_batches: int = 8
     save_at: list[int] = field(default_factory=list)  # completed-step counts to checkpoint at
     resume_from: str | None = None
-    guard_every: int = 10
+    guard_every: int = 50
     guard_policy: str = "halt"
     pg_timeout_s: int = 120
 
@@ -297,6 +297,7 @@ def train(
             try:
                 guard.close()
             finally:
+                result["guard_seconds"] = getattr(guard, "overhead_seconds", None)
                 alerts = [_alert_dict(a) for a in getattr(guard, "alerts", [])]
                 (run_dir / f"alerts-rank{rank}.json").write_text(json.dumps(alerts, indent=1))
     result["val_loss"] = _evaluate(model, val_set, cfg, device)

@@ -44,7 +44,7 @@ class Settings:
     guard: bool = False
     repeat: int = 3
     mode: str = "batch"
-    every: int = 10
+    every: int = 50
     timeout_s: float = 1800.0
 
     @property

@@ -128,7 +128,9 @@ def test_without_the_guard_a_team_only_sees_the_kills(results: dict[str, Any]) -
         if name.startswith("kill-"):
             assert row["detected"]
             assert row["detector"] == "crash"
-            assert row["rank_named"] == 1
+            # torchrun names whichever rank it saw fail first: the killed one, or the
+            # survivor it then stopped; either way nobody learns who sent the kill
+            assert row["rank_named"] in (0, 1)
         else:
             assert not row["detected"], name
             assert row["steps_to_detection"] is None

@@ -81,8 +81,16 @@ def run(scenario: str, tmp_path: Path, key: Path) -> tuple[Path, list[int]]:
     return run_dir, codes
 
 
-def named(found: list[dict], detector_prefix: str = "") -> set[int | None]:
-    return {a["rank"] for a in found if a["detector"].startswith(detector_prefix)}
+def ledger_alerts(run_dir: Path, detector: str) -> list[dict]:
+    """The run's alert entries from the given detector, read with `trainguard ledger show`."""
+    show = subprocess.run(
+        [sys.executable, "-m", "trainguard", "ledger", "show", str(run_dir), "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    entries = json.loads(show.stdout)["entries"]
+    return [e for e in entries if e["kind"] == "alert" and e["payload"]["detector"] == detector]
 
 
 def test_clean_run_raises_nothing_and_the_ledger_verifies(tmp_path, owner_key):
@@ -135,14 +143,7 @@ def test_sigterm_sender_is_reported(tmp_path, owner_key):
     killer = subprocess.Popen([sys.executable, "-c", f"import os; os.kill({victim}, 15)"])
     killer.wait()
     finish(procs)
-    show = subprocess.run(
-        [sys.executable, "-m", "trainguard", "ledger", "show", str(run_dir), "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    entries = json.loads(show.stdout)["entries"]
-    signals = [e for e in entries if e["kind"] == "alert" and e["payload"]["detector"] == "signal"]
+    signals = ledger_alerts(run_dir, "signal")
     assert signals, "the SIGTERM is in the ledger"
     details = signals[0]["payload"]["details"]
     assert details["sender_pid"] == killer.pid
@@ -162,14 +163,7 @@ def test_hang_records_every_stack(tmp_path, owner_key):
     for proc in procs:
         proc.send_signal(signal.SIGKILL)
     finish(procs)
-    show = subprocess.run(
-        [sys.executable, "-m", "trainguard", "ledger", "show", str(run_dir), "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    entries = json.loads(show.stdout)["entries"]
-    hangs = [e for e in entries if e["kind"] == "alert" and e["payload"]["detector"] == "hang"]
+    hangs = ledger_alerts(run_dir, "hang")
     assert {e["payload"]["rank"] for e in hangs} >= {VICTIM}
     stacks = hangs[0]["payload"]["details"]["stacks"]
     assert any(

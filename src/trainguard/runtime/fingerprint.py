@@ -152,7 +152,8 @@ def rng_hashes() -> dict[str, int]:
     """Hashes of the process's random number generator states."""
     out = {
         "torch": _digest(_as_bytes(torch.get_rng_state())),
-        "python": _digest(repr(random.getstate()).encode()),
+        # hashes of tuples of ints are not salted: the same in every process, and cheap
+        "python": hash(random.getstate()) & _MASK63,
         "numpy": 0,
         "cuda": 0,
     }
@@ -190,8 +191,7 @@ class WriteWatch:
         self._snapshot: list[torch.Tensor] | None = None
         self._pointers = self._data_pointers()
         self._views = self._make_views()
-        device = self.params[0].device if self.params else torch.device("cpu")
-        self._written = torch.zeros((), dtype=torch.bool, device=device)
+        self._pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
     def _data_pointers(self) -> int:
         return sum(p.data_ptr() for p in self.params)
@@ -217,19 +217,25 @@ class WriteWatch:
         self._snapshot = self._sample()
 
     def before_step(self) -> None:
-        if self._snapshot is None:
-            return
-        for now, then in zip(self._sample(), self._snapshot, strict=True):
-            self._written |= (now != then).any()
+        # one concatenation per step; the comparison waits for the next check
+        if self._snapshot is not None:
+            self._pairs.append((self._snapshot, self._sample()))
+            self._snapshot = None
 
     def written(self) -> bool:
-        """True if a write happened since the last call (reads the flag: one sync)."""
+        """True if a write happened between any two steps since the last call (one sync)."""
         pointers = self._data_pointers()
         moved = pointers != self._pointers
         if moved:
             self._pointers = pointers
             self._views = self._make_views()
             self._snapshot = None
-        seen = bool(self._written.item()) or moved
-        self._written.zero_()
-        return seen
+        pairs, self._pairs = self._pairs, []
+        if not pairs:
+            return moved
+        flags = [
+            (now != then).any()
+            for after, before in pairs
+            for now, then in zip(before, after, strict=True)
+        ]
+        return bool(torch.stack(flags).any()) or moved

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import socket
 import statistics
@@ -51,6 +52,8 @@ from trainguard.runtime.notify import Notifier
 from trainguard.runtime.sensors import AuditSensor, HookWatch, PatchWatch, SeedWatch
 from trainguard.runtime.startup import open_ledger, verify_start
 
+_VERSION = operator.attrgetter("_version")
+
 #: the optimizer state joins the fingerprint at every this many checks
 STATE_EVERY = 4
 
@@ -72,7 +75,7 @@ class Guard:
         optimizer: torch.optim.Optimizer,
         *,
         run_dir: str | os.PathLike[str],
-        every: int = 10,
+        every: int = 50,
         policy: Policy = "alert",
         lr_schedule: LrSchedule | None = None,
         seed: int | None = None,
@@ -177,6 +180,8 @@ class Guard:
     # --- hooks around optimizer.step -----------------------------------------------
 
     def _install_optimizer_hooks(self) -> None:
+        #: seconds spent in the guard's own code during training (step and hooks)
+        self.overhead_seconds = 0.0
         self._lr_used: list[float] = learning_rates(self.optimizer)
         self._versions_after: int | None = None
         self._opt_end = 0.0
@@ -185,6 +190,7 @@ class Guard:
         self._writes = WriteWatch(self._params)
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
+            entered = time.perf_counter()
             self._done = False
             self._lr_used = learning_rates(opt)
             self.comm.in_backward = False
@@ -198,12 +204,15 @@ class Guard:
             if self._versions_after is not None and self._versions() != self._versions_after:
                 self._versions_after = None
                 self._params_written("an in-place operation")
+            self.overhead_seconds += time.perf_counter() - entered
 
         def post(opt: Any, args: Any, kwargs: Any) -> None:
+            entered = time.perf_counter()
             self._done = True
             self._versions_after = self._versions()
             self._writes.after_step()
             self._opt_end = time.perf_counter()
+            self.overhead_seconds += self._opt_end - entered
 
         self._hook_handles = [
             self.optimizer.register_step_pre_hook(pre),
@@ -220,7 +229,7 @@ class Guard:
         )
 
     def _versions(self) -> int:
-        return sum(p._version for p in self._params)
+        return sum(map(_VERSION, self._params))
 
     # --- events and alerts ---------------------------------------------------------
 
@@ -301,6 +310,7 @@ class Guard:
         if self._closed:
             raise GuardError("step() after close()")
         now = time.perf_counter()
+        entered = now
         self.watchdog.beat()
         try:
             self._local_checks(loss, grad_norm, now)
@@ -317,6 +327,7 @@ class Guard:
             self.comm.in_backward = True
             self._stepped = True
             self._last_end = time.perf_counter()
+            self.overhead_seconds += self._last_end - entered
 
     def _local_checks(self, loss: Any, grad_norm: Any, now: float) -> None:
         # values stay on their device until the check: no synchronisation per step
@@ -554,8 +565,12 @@ class Guard:
         if self._closed:
             return
         self._closed = True
+        if error is None:
+            error = sys.exc_info()[1]  # closed from a `finally` while an error propagates
         with contextlib.suppress(Exception):
             self._drain()  # the steps since the last check
+        with contextlib.suppress(Exception):
+            self._peers_gone()  # a peer killed mid-run shows up as a failed collective here
         self.watchdog.stop()
         self.audit.close()
         self.comm.close()
@@ -582,7 +597,6 @@ class Guard:
             self.ledger.close()
 
     def _report_failure(self, error: BaseException) -> None:
-        self._peers_gone()
         self._raise(
             Alert(
                 self.at,
@@ -621,6 +635,8 @@ class Guard:
 
 def _detached(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return value.detach()
         return value.detach().reshape(-1)[0] if value.numel() else None
     return None if value is None else float(value)
 
