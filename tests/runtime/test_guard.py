@@ -67,15 +67,20 @@ def test_monkeypatched_optimizer_step_is_named(tmp_path, owner_key):
     def patched(self, *args, **kwargs):
         return original(self, *args, **kwargs)
 
+    inherited = "step" not in vars(torch.optim.AdamW)
     try:
         train(model, optimizer, guard, 3)
         torch.optim.AdamW.step = patched
         train(model, optimizer, guard, 5)
     finally:
-        torch.optim.AdamW.step = original
+        if inherited:
+            del torch.optim.AdamW.step
+        else:
+            torch.optim.AdamW.step = original
         guard.close()
     found = [a for a in guard.alerts if a.detector == "monkeypatch"]
-    assert any("AdamW.step" in a.message for a in found)
+    # AdamW inherits step from Adam: patching AdamW.step adds a name to its class
+    assert any("AdamW.step" in a.message for a in found), [a.message for a in found]
 
 
 def test_functional_code_swap_is_seen(tmp_path, owner_key):

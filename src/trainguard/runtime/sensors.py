@@ -103,6 +103,7 @@ class PatchWatch:
         self._seen: list[_Seen] = []
         self._reported: set[tuple[int, str]] = set()
         self._fast: list[tuple[Any, Any, str, Any, Any, Any]] | None = None
+        self._class_keys: list[tuple[type, frozenset[str]]] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # walking torch's namespaces touches deprecated names
             self._snapshot(extra_classes)
@@ -130,6 +131,9 @@ class PatchWatch:
                     self._seen.append(_Seen(owner, name, obj, _code_of(obj)))
 
     def _snapshot_namespace(self, owner: Any, space: Any, label: str, only_own: bool) -> None:
+        if isinstance(owner, type):
+            # a name added later shadows an inherited method (AdamW.step is Adam's)
+            self._class_keys.append((owner, frozenset(space)))
         for name, obj in list(space.items()):
             if isinstance(obj, types.BuiltinFunctionType) and only_own:
                 # C functions re-exported by a module (F.gelu, torch.matmul): watched by identity
@@ -151,6 +155,15 @@ class PatchWatch:
                 (seen.space, seen.owner, seen.name, seen.obj, _func_of(seen.obj), seen.code)
                 for seen in self._seen
             ]
+        for cls, keys in self._class_keys:
+            space = vars(cls)
+            if len(space) == len(keys) and space.keys() == keys:
+                continue
+            for name in sorted(set(space) - keys):
+                key = (id(cls), name)
+                if key not in self._reported and callable(getattr(cls, name, None)):
+                    self._reported.add(key)
+                    yield f"{cls.__name__}.{name} was added, overriding what it inherited"
         for space, owner, name, obj, func, code in self._fast:
             current = space.get(name) if space is not None else getattr(owner, name, None)
             if current is obj and (code is None or func.__code__ is code):
