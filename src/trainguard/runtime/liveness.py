@@ -148,6 +148,13 @@ class Watchdog:
 
 
 def pid_alive(pid: int) -> bool:
+    """True if the process runs; a zombie (dead, not yet reaped by its launcher) is dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
