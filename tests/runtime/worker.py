@@ -10,13 +10,11 @@ import os
 import sys
 import time
 
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
 import trainguard
-
-trainguard.protect_signals()  # before any thread starts: lets the guard name a signal's sender
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 STEPS = 40
 AT = 12  # the step the interference starts at
@@ -25,6 +23,10 @@ LR = 1e-2
 
 
 def main() -> None:
+    # before any thread starts: lets the guard name a signal's sender. Not at import: the
+    # tests import this module for its constants, and a blocked SIGTERM would be inherited
+    # by every process they start
+    trainguard.protect_signals()
     scenario, rank, world, port, run_dir, key = sys.argv[1:7]
     rank, world = int(rank), int(world)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
