@@ -82,6 +82,10 @@ class Actor:
         )
 
 
+#: the entry columns both backends store, in the order of ``Entry.row()``
+COLUMNS = "seq, time, kind, actor, payload, prev_hash, hash, signature, key_id"
+
+
 @dataclass(frozen=True)
 class Entry:
     """One ledger record, exactly as stored.
@@ -109,6 +113,20 @@ class Entry:
     @property
     def actor(self) -> Actor:
         return Actor.from_json(self.actor_json)
+
+    def row(self) -> tuple[Any, ...]:
+        """The stored columns, in the order of :data:`COLUMNS`."""
+        return (
+            self.seq,
+            self.time,
+            self.kind,
+            self.actor_json,
+            self.payload_json,
+            self.prev_hash,
+            self.hash,
+            self.signature,
+            self.key_id,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         try:

@@ -24,6 +24,7 @@ import blake3
 
 from trainguard.ledger.interface import (
     CERTIFICATE_KIND,
+    COLUMNS,
     Entry,
     LedgerBackend,
     LedgerError,
@@ -31,7 +32,7 @@ from trainguard.ledger.interface import (
 )
 
 TABLE = "trainguard_ledger"
-_COLUMNS = "seq, time, kind, actor, payload, prev_hash, hash, signature, key_id"
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
     run_id text NOT NULL,
@@ -103,20 +104,9 @@ class PostgresBackend(LedgerBackend):
                     self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._key,))
                     entry = build(self._tail())
                     self._conn.execute(
-                        f"INSERT INTO {TABLE} (run_id, {_COLUMNS}) "
+                        f"INSERT INTO {TABLE} (run_id, {COLUMNS}) "
                         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        (
-                            self.run_id,
-                            entry.seq,
-                            entry.time,
-                            entry.kind,
-                            entry.actor_json,
-                            entry.payload_json,
-                            entry.prev_hash,
-                            entry.hash,
-                            entry.signature,
-                            entry.key_id,
-                        ),
+                        (self.run_id, *entry.row()),
                     )
             except self._psycopg.Error as exc:
                 raise LedgerError(f"postgres ledger: {_first_line(exc)}") from exc
@@ -124,7 +114,7 @@ class PostgresBackend(LedgerBackend):
 
     def _tail(self) -> Tail:
         row = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM {TABLE} WHERE run_id = %s ORDER BY seq DESC LIMIT 1",
+            f"SELECT {COLUMNS} FROM {TABLE} WHERE run_id = %s ORDER BY seq DESC LIMIT 1",
             (self.run_id,),
         ).fetchone()
         cert = self._conn.execute(
@@ -135,7 +125,7 @@ class PostgresBackend(LedgerBackend):
         return Tail(None if row is None else _row(row), cert_seq)
 
     def entries(self, kind: str | None = None) -> Iterator[Entry]:
-        query = f"SELECT {_COLUMNS} FROM {TABLE} WHERE run_id = %s"
+        query = f"SELECT {COLUMNS} FROM {TABLE} WHERE run_id = %s"
         params: tuple[str, ...] = (self.run_id,)
         if kind is not None:
             query += " AND kind = %s"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from trainguard.ledger.interface import (
     CERTIFICATE_KIND,
+    COLUMNS,
     Entry,
     LedgerBackend,
     LedgerBusyError,
@@ -29,7 +30,6 @@ from trainguard.ledger.interface import (
     Tail,
 )
 
-_COLUMNS = "seq, time, kind, actor, payload, prev_hash, hash, signature, key_id"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     seq INTEGER PRIMARY KEY NOT NULL,
@@ -134,18 +134,8 @@ class SQLiteBackend(LedgerBackend):
             conn.execute("BEGIN IMMEDIATE")
             entry = build(self._tail())
             conn.execute(
-                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.seq,
-                    entry.time,
-                    entry.kind,
-                    entry.actor_json,
-                    entry.payload_json,
-                    entry.prev_hash,
-                    entry.hash,
-                    entry.signature,
-                    entry.key_id,
-                ),
+                f"INSERT INTO entries ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                entry.row(),
             )
             done.append(entry)
 
@@ -162,7 +152,7 @@ class SQLiteBackend(LedgerBackend):
 
     def _tail(self) -> Tail:
         row = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM entries ORDER BY seq DESC LIMIT 1"
+            f"SELECT {COLUMNS} FROM entries ORDER BY seq DESC LIMIT 1"
         ).fetchone()
         cert = self._conn.execute(
             "SELECT max(seq) FROM entries WHERE kind = ?", (CERTIFICATE_KIND,)
@@ -173,10 +163,10 @@ class SQLiteBackend(LedgerBackend):
         with self._lock:
             try:
                 if kind is None:
-                    rows = self._conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq")
+                    rows = self._conn.execute(f"SELECT {COLUMNS} FROM entries ORDER BY seq")
                 else:
                     rows = self._conn.execute(
-                        f"SELECT {_COLUMNS} FROM entries WHERE kind = ? ORDER BY seq", (kind,)
+                        f"SELECT {COLUMNS} FROM entries WHERE kind = ? ORDER BY seq", (kind,)
                     )
                 fetched = rows.fetchall()
             except sqlite3.DatabaseError as exc:
