@@ -367,7 +367,7 @@ class Guard:
         resolved = [next(numbers) if isinstance(v, torch.Tensor) and numbers else v for v in values]
         for i, (step, _, _, lr) in enumerate(pending):
             loss, norm = resolved[2 * i], resolved[2 * i + 1]
-            info = StepInfo(step, loss, lr, norm, 0.0, None)
+            info = StepInfo(step, loss, lr, norm)
             for detector in self._detectors:
                 for alert in detector.on_step(info):
                     self._raise(alert)

@@ -68,8 +68,6 @@ class StepInfo:
     loss: float | None
     lr: list[float]
     grad_norm: float | None
-    step_time: float
-    compute_time: float | None
 
 
 class Detector(Protocol):
