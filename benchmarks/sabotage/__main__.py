@@ -1,8 +1,9 @@
 """Command line of the sabotage benchmark: ``python -m benchmarks.sabotage run ...``.
 
-``run [--guard on|off] [--attack NAME|all] [--repeat N] [--steps S] --out DIR`` runs the
-clean job ``N`` times (seeds S, S+1, ...) plus a same-seed rerun, then every chosen attack
-scenario, writes ``DIR/results.json`` and prints a summary table. ``list`` prints the
+``run [--guard on|off] [--attack NAME|all] [--base NAME|all] [--repeat N] [--steps S] --out
+DIR`` runs the clean job ``N`` times (seeds S, S+1, ...) plus a same-seed rerun, then every
+chosen attack scenario, on each chosen base (``job.BASES``: the plain loop or the loop with
+an ordinary practice), writes ``DIR/results.json`` and prints a summary table. ``list`` prints the
 scenarios. See benchmarks/sabotage/README.md for the fields and the Guard's contract.
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.sabotage.job import BASES
 from benchmarks.sabotage.scenarios import SCENARIOS, Scenario, select
 
 
@@ -29,9 +31,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--out", type=Path, required=True, help="folder for results.json and the runs")
     run.add_argument("--guard", choices=["on", "off"], default="off")
     run.add_argument(
-        "--attack", default="all", help="all, a name, names or numbers, comma-separated"
+        "--attack",
+        default="all",
+        help="all, none (clean runs only), a name, names or numbers, comma-separated",
     )
-    run.add_argument("--repeat", type=int, default=3, help="clean runs with different seeds")
+    run.add_argument(
+        "--base",
+        default="plain",
+        help="the training practice(s) the job runs on: all, or names, comma-separated "
+        f"({', '.join(BASES)}; default plain)",
+    )
+    run.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="clean runs with different seeds (besides the same-seed rerun)",
+    )
     run.add_argument("--steps", type=int, default=300)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--preset", choices=["tiny", "cpu", "gpu"], default="cpu", help="model size")
@@ -49,27 +64,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def assemble(bench: Any, scenarios: list[Scenario], started: float) -> dict[str, Any]:
-    from benchmarks.sabotage.evaluate import Run, detection, effect, l2
+def _assemble_base(bench: Any, base: str, scenarios: list[Scenario]) -> dict[str, Any]:
+    """The clean runs, controls and scenario rows of one base."""
+    from benchmarks.sabotage.evaluate import Run, detection, effect, l2, wrong_rank
 
     s = bench.s
     launch_of = {e["name"]: lch for lch in bench.launches for e in lch.entries}
-    runs = {name: Run(path, s.nproc) for name, path in bench.runs.items()}
+    runs = {}
+    for key, path in bench.runs.items():
+        run_base, _, name = key.rpartition("/")  # see Bench.key
+        if (run_base or "plain") == base:
+            runs[name] = Run(path, s.nproc)
+
+    def launch(name: str) -> Any:
+        return launch_of.get(bench.key(base, name))
+
     ref = runs["clean"]
     cleans = [n for n in runs if n.startswith("clean") and n != "clean-unguarded"]
     clean_rows = []
     for name in cleans:
         run = runs[name]
-        found = detection(None, run, launch_of.get(name), bench, {})
+        found = detection(None, run, launch(name), bench, {})
         clean_rows.append(
             {
                 "name": name,
+                "base": base,
                 "seed": run.r0.get("seed"),
                 "val_loss": run.r0.get("val_loss"),
                 "final_loss": (run.r0.get("losses") or [None])[-1],
                 "mean_step_time_s": run.mean_step_time(),
                 "alarm": found["detected"] or bool(run.alerts),
                 "status": found["status"],
+                "alerts": len(run.alerts),
             }
         )
     rerun = runs["clean-rerun"]
@@ -86,7 +112,11 @@ def assemble(bench: Any, scenarios: list[Scenario], started: float) -> dict[str,
         "different_seeds": {
             "runs": len(seed_losses),
             "val_loss_std": statistics.stdev(seed_losses) if len(seed_losses) > 1 else None,
-            "val_loss_max_abs_delta": max(abs(v - ref.r0["val_loss"]) for v in seed_losses),
+            "val_loss_max_abs_delta": (
+                max(abs(v - ref.r0["val_loss"]) for v in seed_losses)
+                if len(seed_losses) > 1
+                else None
+            ),
         },
     }
     reproducible = (
@@ -111,15 +141,18 @@ def assemble(bench: Any, scenarios: list[Scenario], started: float) -> dict[str,
     controls = {}
     if "resume-clean" in runs:
         resumed = runs["resume-clean"]
+        found = detection(None, resumed, launch("resume-clean"), bench, {})
         controls["resume-clean"] = {
             **effect(resumed, ref, s.nproc),
             "exact": resumed.r0.get("losses") == ref.r0["losses"][s.inject_step :]
             and resumed.r0.get("val_loss") == ref.r0["val_loss"],
+            "alarm": found["detected"] or bool(resumed.alerts),
+            "status": found["status"],
         }
     rows = []
     for sc in scenarios:
         run = runs[sc.name]
-        evidence = dict(bench.evidence.get(sc.name, {}))
+        evidence = dict(bench.evidence.get(bench.key(base, sc.name), {}))
         for key in ("implant_marker", "record"):
             if key in evidence:
                 path = Path(evidence.pop(key))
@@ -132,6 +165,7 @@ def assemble(bench: Any, scenarios: list[Scenario], started: float) -> dict[str,
             evidence["payload_ran"] = Path(evidence["marker"]).exists()
         row: dict[str, Any] = {
             "attack": sc.name,
+            "base": base,
             "number": sc.number,
             "kind": sc.kind,
             "summary": sc.summary,
@@ -141,7 +175,8 @@ def assemble(bench: Any, scenarios: list[Scenario], started: float) -> dict[str,
             if sc.rank_specific
             else {"step": "before-start" if sc.before_start else "after-run", "rank": None}
         )
-        row.update(detection(sc, run, launch_of.get(sc.name), bench, evidence))
+        row.update(detection(sc, run, launch(sc.name), bench, evidence))
+        row["wrong_rank"] = wrong_rank(sc, run, bench.s)
         if sc.kind == "records":
             row["effect"] = {k: evidence[k] for k in ("records_changed", "bytes_changed", "files")}
         else:
@@ -155,7 +190,40 @@ def assemble(bench: Any, scenarios: list[Scenario], started: float) -> dict[str,
                 )
         row["evidence"] = evidence
         rows.append(row)
-    first = ref.r0
+    return {
+        "ref": ref.r0,
+        "clean": {
+            "val_loss": ref.r0.get("val_loss"),
+            "final_train_loss": (ref.r0.get("losses") or [None])[-1],
+            "reproducible": reproducible,
+            "mean_step_time_s": ref.mean_step_time(),
+            "runs": clean_rows,
+            "noise": noise,
+        },
+        "false_alarms": sum(r["alarm"] for r in clean_rows),
+        "clean_runs": len(clean_rows),
+        "wrong_rank": sum(r["wrong_rank"] for r in rows),
+        "detected": sum(bool(r["detected"]) for r in rows),
+        "overhead": overhead,
+        "overhead_inprocess": overhead_inprocess,
+        "controls": controls,
+        "scenarios": rows,
+    }
+
+
+def assemble(bench: Any, scenarios: list[Scenario], started: float) -> dict[str, Any]:
+    """results.json: the first base's clean runs and controls at the top, every base's
+    clean runs and scenario rows in ``clean.runs`` and ``scenarios``, per base in ``by_base``."""
+    s = bench.s
+    per_base = {base: _assemble_base(bench, base, scenarios) for base in s.bases}
+    top = per_base[s.bases[0]]
+    first = top["ref"]
+    by_base = {
+        base: {k: v for k, v in part.items() if k not in ("ref", "scenarios")}
+        for base, part in per_base.items()
+    }
+    for part in by_base.values():
+        part["clean"] = {k: v for k, v in part["clean"].items() if k != "runs"}
     return {
         "benchmark": "sabotage",
         "command": " ".join(["python -m benchmarks.sabotage", *sys.argv[1:]]),
@@ -172,20 +240,19 @@ def assemble(bench: Any, scenarios: list[Scenario], started: float) -> dict[str,
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "torch": __import__("torch").__version__,
         "corpus_sha256": first.get("corpus_sha256"),
+        "bases": list(s.bases),
         "clean": {
-            "val_loss": first.get("val_loss"),
-            "final_train_loss": (first.get("losses") or [None])[-1],
-            "reproducible": reproducible,
-            "mean_step_time_s": ref.mean_step_time(),
-            "runs": clean_rows,
-            "noise": noise,
+            **top["clean"],
+            "runs": [row for part in per_base.values() for row in part["clean"]["runs"]],
         },
-        "false_alarms": sum(r["alarm"] for r in clean_rows),
-        "clean_runs": len(clean_rows),
-        "overhead": overhead,
-        "overhead_inprocess": overhead_inprocess,
-        "controls": controls,
-        "scenarios": rows,
+        "false_alarms": sum(part["false_alarms"] for part in per_base.values()),
+        "clean_runs": sum(part["clean_runs"] for part in per_base.values()),
+        "wrong_rank": sum(part["wrong_rank"] for part in per_base.values()),
+        "overhead": top["overhead"],
+        "overhead_inprocess": top["overhead_inprocess"],
+        "controls": top["controls"],
+        "by_base": by_base,
+        "scenarios": [row for part in per_base.values() for row in part["scenarios"]],
         "timings": {
             "total_s": time.perf_counter() - started,
             "launches": {lch.name: round(lch.wall_s, 2) for lch in bench.launches},
@@ -214,33 +281,61 @@ def describe(effect: dict[str, Any], straggler: bool = False) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    clean = results["clean"]
-    noise = clean["noise"]["different_seeds"]
-    std = f"{noise['val_loss_std']:.4f}" if noise["val_loss_std"] is not None else "n/a"
-    overhead = f"{results['overhead']:.4f}" if results["overhead"] is not None else "n/a"
-    if results.get("overhead_inprocess") is not None:
-        overhead += f" (time in the Guard's code: {results['overhead_inprocess']:.2%} of step time)"
+    many = len(results["bases"]) > 1
     lines = [
         f"guard {results['guard']}, {results['world_size']} rank(s) on {results['device']}, "
         f"{results['steps']} steps, preset {results['preset']}, seed {results['seed']}; "
         f"attacks at step {results['injection']['step']} on rank {results['injection']['rank']}",
-        f"clean val loss {clean['val_loss']:.6f} (train {clean['final_train_loss']:.4f}); "
-        f"same seed reproduces bit for bit: {clean['reproducible']}; seed-to-seed std {std}",
-        f"false alarms {results['false_alarms']}/{results['clean_runs']}; overhead {overhead}",
+    ]
+    for base, part in results["by_base"].items():
+        clean = part["clean"]
+        noise = clean["noise"]["different_seeds"]
+        std = f"{noise['val_loss_std']:.4f}" if noise["val_loss_std"] is not None else "n/a"
+        overhead = f"{part['overhead']:.4f}" if part["overhead"] is not None else "n/a"
+        if part.get("overhead_inprocess") is not None:
+            share = part["overhead_inprocess"]
+            overhead += f" (time in the Guard's code: {share:.2%} of step time)"
+        lines += [
+            (f"base {base}: " if many else "")
+            + f"clean val loss {clean['val_loss']:.6f} (train {clean['final_train_loss']:.4f}); "
+            f"same seed reproduces bit for bit: {clean['reproducible']}; seed-to-seed std {std}",
+            ("  " if many else "") + f"false alarms {part['false_alarms']}/{part['clean_runs']}; "
+            f"wrong rank {part['wrong_rank']}; overhead {overhead}",
+        ]
+    if many:
+        lines.append(
+            f"all bases: false alarms {results['false_alarms']}/{results['clean_runs']}; "
+            f"wrong rank {results['wrong_rank']}"
+        )
+    base_col = f"{'base':<10}" if many else ""
+    lines += [
         "",
-        f"{'scenario':<21}{'#':>3}  {'detected':<9}{'steps':>6}  {'detector':<14}{'rank':>5}"
-        "  effect",
+        f"{'scenario':<21}{'#':>3}  {base_col}{'detected':<9}{'steps':>6}  {'detector':<14}"
+        f"{'rank':>5}{'wrong':>6}  effect",
     ]
     for row in results["scenarios"]:
         steps = "-" if row["steps_to_detection"] is None else str(row["steps_to_detection"])
         rank = "-" if row["rank_named"] is None else str(row["rank_named"])
         detected = "yes" if row["detected"] else "no"
         detector = (row["detector"] or "-")[:13]
+        base = f"{row['base']:<10}" if many else ""
         lines.append(
-            f"{row['attack']:<21}{row['number']:>3}  {detected:<9}{steps:>6}  {detector:<14}"
-            f"{rank:>5}  {describe(row['effect'], row['number'] == 8)}"
+            f"{row['attack']:<21}{row['number']:>3}  {base}{detected:<9}{steps:>6}  "
+            f"{detector:<14}{rank:>5}{row['wrong_rank']:>6}  "
+            f"{describe(row['effect'], row['number'] == 8)}"
         )
     return "\n".join(lines)
+
+
+def select_bases(names: str) -> tuple[str, ...]:
+    """``all`` or comma-separated names of ``job.BASES``, in the order given."""
+    if names == "all":
+        return tuple(BASES)
+    chosen = tuple(dict.fromkeys(part.strip() for part in names.split(",")))
+    for name in chosen:
+        if name not in BASES:
+            raise KeyError(name)
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,7 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         for sc in SCENARIOS:
             print(f"{sc.number:>2}  {sc.name:<21} {sc.kind:<8} {sc.summary}")
+        print(f"\nbases: {', '.join(BASES)}")
         return 0
+    try:
+        bases = select_bases(args.base)
+    except KeyError as exc:
+        print(f"error: unknown base {exc}; choose from {', '.join(BASES)} or all", file=sys.stderr)
+        return 2
     try:
         scenarios = select(args.attack)
     except KeyError as exc:
@@ -274,9 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         preset=args.preset,
         nproc=args.nproc,
         guard=args.guard == "on",
-        repeat=max(2, args.repeat),
+        repeat=max(1, args.repeat),
         mode=mode,
         every=args.every,
+        bases=bases,
     )
     started = time.perf_counter()
     bench = run_all(settings, scenarios)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.sabotage.runner import Bench, Launch
+from benchmarks.sabotage.runner import Bench, Launch, Settings
 from benchmarks.sabotage.scenarios import Scenario
 
 
@@ -39,11 +39,18 @@ class Run:
         log = run_dir / "train.log"
         self.log_lines = log.read_text().splitlines() if log.exists() else []
         self.alerts: list[dict[str, Any]] = []
+        seen: set[tuple[Any, ...]] = set()
         for r in range(nproc):
-            self.alerts += _json(run_dir / f"alerts-rank{r}.json") or []
+            found = _json(run_dir / f"alerts-rank{r}.json") or []
             lines = run_dir / f"alerts-rank{r}.jsonl"
             if lines.exists():
-                self.alerts += [json.loads(x) for x in lines.read_text().splitlines() if x.strip()]
+                found += [json.loads(x) for x in lines.read_text().splitlines() if x.strip()]
+            # an alert is in both files, and one seen by every rank is one incident
+            for alert in found:
+                key = tuple(str(alert.get(k)) for k in ("step", "rank", "detector", "message"))
+                if key not in seen:
+                    seen.add(key)
+                    self.alerts.append(alert)
 
     @property
     def complete(self) -> bool:
@@ -98,6 +105,24 @@ def effect(run: Run, ref: Run, nproc: int) -> dict[str, Any]:
     if mine and theirs:
         out["step_time_ratio"] = mine / theirs
     return out
+
+
+def wrong_rank(sc: Scenario, run: Run, s: Settings) -> int:
+    """Alerts at or after the attack that name a rank the attack did not act on.
+
+    For attacks at step K on one rank, alerts before K are not about the attack (they are
+    counted by ``alerts``, like false alarms). An alert with no rank names nobody.
+    """
+    acted = sc.acts_on(s.nproc, s.attacked_rank)
+    since = s.inject_step if sc.rank_specific else 0
+    wrong = 0
+    for alert in run.alerts:
+        named = alert.get("rank")
+        if (alert.get("step") or 0) < since or named is None:
+            continue
+        ranks = named if isinstance(named, list) else [named]
+        wrong += any(int(r) not in acted for r in ranks)
+    return wrong
 
 
 def detection(

@@ -111,20 +111,32 @@ def _noise_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _patch_optimizer_step(s: Implant) -> None:
     """AdamW.step replaced: each update is applied three times over."""
+    assert s.optimizer is not None
     factor = float(s.spec.get("factor", 3.0))
 
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-            before = [p.detach().clone() for p in _params(self)]
-            out = original(self, *args, **kwargs)
-            with torch.no_grad():
-                for p, b in zip(_params(self), before, strict=True):
-                    p.copy_(b + factor * (p - b))
-            return out
+    def amplified(opt: torch.optim.Optimizer, run: Callable[[], Any]) -> Any:
+        before = [p.detach().clone() for p in _params(opt)]
+        out = run()
+        with torch.no_grad():
+            for p, b in zip(_params(opt), before, strict=True):
+                p.copy_(b + factor * (p - b))
+        return out
 
-        return step
-
-    s.patch(torch.optim.AdamW, "step", make)
+    opt = s.optimizer
+    if "step" in vars(opt):
+        # an lr scheduler has wrapped this optimizer's step (the wrapper calls the function
+        # it captured, so a patch of the class would never run): replace the wrapper
+        s.patch(
+            opt,
+            "step",
+            lambda original: lambda *a, **k: amplified(opt, lambda: original(*a, **k)),
+        )
+        return
+    s.patch(
+        torch.optim.AdamW,
+        "step",
+        lambda original: lambda self, *a, **k: amplified(self, lambda: original(self, *a, **k)),
+    )
 
 
 def _patch_functional(s: Implant) -> None:
@@ -186,8 +198,11 @@ def _perturb_weights(s: Implant) -> None:
 
 
 def _patch_loader(s: Implant) -> None:
-    """The DataLoader iterator patched: this rank's batches from step K on are not its own."""
-    it_cls = dl._SingleProcessDataLoaderIter
+    """The DataLoader iterator patched: this rank's batches from step K on are not its own.
+
+    Both iterators are patched (in the main process: a loader with worker processes
+    hands their batches over in ``_MultiProcessingDataLoaderIter._next_data``).
+    """
     mode = s.spec["mode"]
     last: list[Any] = []
 
@@ -213,7 +228,8 @@ def _patch_loader(s: Implant) -> None:
 
         return next_data
 
-    s.patch(it_cls, "_next_data", make)
+    for it_cls in (dl._SingleProcessDataLoaderIter, dl._MultiProcessingDataLoaderIter):
+        s.patch(it_cls, "_next_data", make)
 
 
 # --- per-step actions: before each optimizer step from K on -------------------------------

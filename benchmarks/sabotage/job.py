@@ -8,18 +8,22 @@ as one process or under torchrun (gloo on CPU, NCCL with CUDA)::
     python -m benchmarks.sabotage.job --config CFG.json --run-dir DIR
     torchrun --nproc-per-node 2 -m benchmarks.sabotage.job --config CFG.json --run-dir DIR
 
-On CPU the same seed gives the same losses and weights bit for bit. Without a guard the job
-has what a team has today: a NaN/Inf check on the loss and a plain log of the loss per step
-(``DIR/train.log``); checkpoints are ``torch.save`` dicts read back with
-``torch.load(weights_only=False)``. With a guard factory (``train(..., guard_factory=f)``)
-the loop calls the Guard at the five points of the contract in README.md and nothing else
-changes. The job knows nothing about attacks.
+The job runs on one of several bases (``BASES``): the plain loop, or the same loop with an
+ordinary practice that real jobs use (DataLoader worker processes, gradient accumulation,
+a ``torch.optim.lr_scheduler`` object, or all three), chosen by fields of its config, so
+every attack can be run on every base. On CPU the same seed and base give the same losses
+and weights bit for bit. Without a guard the job has what a team has today: a NaN/Inf
+check on the loss and a plain log of the loss per step (``DIR/train.log``); checkpoints
+are ``torch.save`` dicts read back with ``torch.load(weights_only=False)``. With a guard
+factory (``train(..., guard_factory=f)``) the loop calls the Guard at the five points of
+the contract in README.md and nothing else changes. The job knows nothing about attacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from benchmarks.sabotage import corpus
@@ -65,6 +70,26 @@ class JobConfig:
     guard_every: int = 50
     guard_policy: str = "halt"
     pg_timeout_s: int = 120
+    # the training practice the loop follows; BASES names the combinations the benchmark runs
+    loader_workers: int = 0  # > 0: DataLoader workers (persistent, pin_memory, seeded)
+    accum_steps: int = 1  # micro-batches of batch_size / accum_steps per optimizer step
+    log_reduce: str = "after-step"  # where the logged loss is all-reduced: or "before-step"
+    lr_scheduler: str = "manual"  # "manual": group["lr"] written each step; "lambda": LambdaLR
+
+
+#: the bases: ordinary ways of writing the same training loop, as JobConfig fields
+BASES: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "workers": {"loader_workers": 2},
+    "accum": {"accum_steps": 2, "log_reduce": "before-step"},
+    "sched": {"lr_scheduler": "lambda"},
+    "practice": {
+        "loader_workers": 2,
+        "accum_steps": 2,
+        "log_reduce": "before-step",
+        "lr_scheduler": "lambda",
+    },
+}
 
 
 def load_config(path: Path) -> JobConfig:
@@ -95,6 +120,16 @@ def lr_schedule(cfg: JobConfig) -> Callable[[int], float]:
     return lr_at
 
 
+def seed_worker(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn`` as PyTorch's reproducibility notes write it."""
+    import numpy
+
+    worker_seed = torch.initial_seed() % 2**32
+    numpy.random.seed(worker_seed)
+    random.seed(worker_seed)
+    torch.manual_seed(worker_seed)
+
+
 class Chunks(Dataset[tuple[Tensor, Tensor]]):
     """Non-overlapping windows of ``block + 1`` characters: input and next-character target."""
 
@@ -121,7 +156,8 @@ class GuardContext:
     world_size: int
     every: int
     policy: str
-    lr_schedule: Callable[[int], float]
+    # step -> lr (the declared schedule), or the job's torch lr scheduler object when it has one
+    lr_schedule: Callable[[int], float] | LRScheduler
     config_path: Path
     submission_path: Path  # written by whoever submitted the run; may be missing
     seed: int
@@ -211,12 +247,23 @@ def train(
     sampler = DistributedSampler(
         train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
+    if cfg.batch_size % cfg.accum_steps:
+        raise ValueError("batch_size must be a multiple of accum_steps")
+    workers: dict[str, Any] = {}
+    if cfg.loader_workers:
+        workers = {
+            "num_workers": cfg.loader_workers,
+            "persistent_workers": True,
+            "pin_memory": True,
+            "worker_init_fn": seed_worker,
+        }
     loader = DataLoader(
         train_set,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size // cfg.accum_steps,
         sampler=sampler,
         drop_last=True,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG for dropout
+        **workers,
     )
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -242,6 +289,11 @@ def train(
         betas=cfg.betas,
     )
     lr_at = lr_schedule(cfg)
+    scheduler: LRScheduler | None = None
+    if cfg.lr_scheduler == "lambda":
+        scheduler = LambdaLR(optimizer, lambda step: lr_at(step) / cfg.lr)
+    elif cfg.lr_scheduler != "manual":
+        raise ValueError(f"unknown lr_scheduler {cfg.lr_scheduler!r}")
 
     result: dict[str, Any] = {
         "rank": rank,
@@ -274,7 +326,7 @@ def train(
                 world,
                 cfg.guard_every,
                 cfg.guard_policy,
-                lr_at,
+                scheduler if scheduler is not None else lr_at,
                 config_path,
                 run_dir / "submission.json",
                 cfg.seed,
@@ -282,9 +334,12 @@ def train(
             guard = guard_factory(ctx)
         if cfg.resume_from:
             stage = "resume"
-            result["start_step"] = _resume(Path(cfg.resume_from), model, optimizer, guard, rank)
+            result["start_step"] = _resume(
+                Path(cfg.resume_from), model, optimizer, scheduler, guard, rank
+            )
         stage = "train"
-        _loop(cfg, ddp, model, optimizer, loader, sampler, lr_at, guard, run_dir, result)
+        train_state = TrainState(model, optimizer, scheduler, lr_at)
+        _loop(cfg, ddp, train_state, loader, sampler, guard, run_dir, result)
     except Exception as exc:
         # a guard that refuses or halts raises; the team's own checks only ever log
         if guard_factory is None:
@@ -307,8 +362,23 @@ def train(
     return result
 
 
+@dataclass
+class TrainState:
+    """What the loop steps and checkpoints."""
+
+    model: nn.Module  # bare
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | None
+    lr_at: Callable[[int], float]
+
+
 def _resume(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, guard: Any, rank: int
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    guard: Any,
+    rank: int,
 ) -> int:
     if guard is not None:
         guard.load_checkpoint(path)
@@ -318,13 +388,13 @@ def _resume(
         meta = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(meta["model"])
         optimizer.load_state_dict(meta["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"])
     _set_rng_state(meta["rng"][rank])
     return int(meta["step"])
 
 
-def _save(
-    path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, guard: Any
-) -> None:
+def _save(path: Path, step: int, ts: TrainState, guard: Any) -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rngs: list[Any] = [None] * world
     if world > 1:
@@ -332,14 +402,16 @@ def _save(
     else:
         rngs = [_rng_state()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"step": step, "rng": rngs}
+    if ts.scheduler is not None:
+        meta["scheduler"] = ts.scheduler.state_dict()
     if guard is not None:
         guard.save_checkpoint(path)
         if rank == 0:
-            meta = {"step": step, "rng": rngs}
             path.with_name(path.name + ".job.json").write_text(json.dumps(meta))
     elif rank == 0:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        torch.save({**state, "step": step, "rng": rngs}, path)
+        state = {"model": ts.model.state_dict(), "optimizer": ts.optimizer.state_dict()}
+        torch.save({**state, **meta}, path)
     if world > 1:
         dist.barrier()
 
@@ -347,42 +419,70 @@ def _save(
 def _loop(
     cfg: JobConfig,
     ddp: nn.Module,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    ts: TrainState,
     loader: DataLoader[Any],
     sampler: DistributedSampler[Any],
-    lr_at: Callable[[int], float],
     guard: Any,
     run_dir: Path,
     result: dict[str, Any],
 ) -> None:
     rank, world = result["rank"], result["world_size"]
+    model, optimizer, scheduler = ts.model, ts.optimizer, ts.scheduler
     device = next(model.parameters()).device
     log = open(run_dir / "train.log", "a") if rank == 0 else None  # noqa: SIM115
     params = list(model.parameters())
     start = result["start_step"]
+    accum = cfg.accum_steps
+    if cfg.log_reduce not in ("after-step", "before-step"):
+        raise ValueError(f"unknown log_reduce {cfg.log_reduce!r}")
+    reduce_early = cfg.log_reduce == "before-step"
+    batches = _batches(loader, sampler, start * accum)
+
+    def logged_mean(loss: Tensor) -> float:
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        return float(mean)
+
     ddp.train()
     try:
-        for step, (x, y) in zip(
-            range(start, cfg.steps), _batches(loader, sampler, start), strict=False
-        ):
+        for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            x, y = x.to(device), y.to(device)
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            _, loss = ddp(x, y)
+            micro = [next(batches) for _ in range(accum)]
+            if scheduler is None:
+                lr = ts.lr_at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            else:
+                lr = scheduler.get_last_lr()[0]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total: Tensor | None = None
+            for i, (x, y) in enumerate(micro):
+                x, y = x.to(device), y.to(device)
+                micro[i] = (x, y)
+                # DDP averages gradients across ranks only on the last micro-batch
+                sync = i == accum - 1 or not hasattr(ddp, "no_sync")
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    _, loss = ddp(x, y)
+                    (loss if accum == 1 else loss / accum).backward()
+                part = loss.detach() if accum == 1 else loss.detach() / accum
+                total = part if total is None else total + part
+            assert total is not None
+            if reduce_early:  # between backward() and optimizer.step(), as many jobs log
+                value = logged_mean(total)
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             optimizer.step()
-            mean = loss.detach().clone()
-            if world > 1:
-                dist.all_reduce(mean)
-                mean /= world
-            value = float(mean)
+            if scheduler is not None:
+                scheduler.step()
+            if not reduce_early:
+                value = logged_mean(total)
             if guard is not None:
-                guard.step(loss=loss.detach(), batch=(x, y))
+                if accum == 1:
+                    batch = micro[0]
+                else:
+                    batch = (torch.cat([b[0] for b in micro]), torch.cat([b[1] for b in micro]))
+                guard.step(loss=total, batch=batch)
             result["step_times"].append(time.perf_counter() - t0)
             result["losses"].append(value)
             result["steps_done"] = step + 1
@@ -395,10 +495,11 @@ def _loop(
                 result["reason"] = f"non-finite loss {value} at step {step}"
                 return
             if step + 1 in cfg.save_at:
-                _save(run_dir / "ckpt" / f"step{step + 1}.pt", step + 1, model, optimizer, guard)
+                _save(run_dir / "ckpt" / f"step{step + 1}.pt", step + 1, ts, guard)
     finally:
         if log is not None:
             log.close()
+        batches.close()  # ends the loader's epoch; persistent workers end with the loader
 
 
 @torch.no_grad()

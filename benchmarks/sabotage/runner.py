@@ -9,9 +9,14 @@ runs its jobs one after another in one process group, which saves the start-up c
 ``isolate`` mode every job gets its own launch (the default with the Guard on, because a
 Guard that halts one job must not take the others down with it).
 
-Everything is written under ``OUT``: ``runs/NAME/`` per job (config, logs, checkpoints,
-results, final weights), ``work/`` for the attackers' material, ``launches/`` for the
-launchers' output; ``evaluate.py`` turns them into ``results.json``.
+Every job runs on each chosen base (``job.BASES``: the plain loop, or the loop with
+DataLoader workers, gradient accumulation, an lr scheduler object, or all three); batch
+launches hold the jobs of every base.
+
+Everything is written under ``OUT``: ``runs/NAME/`` per job of the plain base and
+``runs/BASE/NAME/`` per job of another (config, logs, checkpoints, results, final weights),
+``work/`` for the attackers' material, ``launches/`` for the launchers' output;
+``evaluate.py`` turns them into ``results.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.sabotage import attackers, implant
-from benchmarks.sabotage.job import JobConfig, write_config
+from benchmarks.sabotage.job import BASES, JobConfig, write_config
 from benchmarks.sabotage.scenarios import Scenario
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +51,7 @@ class Settings:
     mode: str = "batch"
     every: int = 50
     timeout_s: float = 1800.0
+    bases: tuple[str, ...] = ("plain",)
 
     @property
     def inject_step(self) -> int:
@@ -94,10 +100,20 @@ class Bench:
 
     # --- jobs ------------------------------------------------------------------------
 
-    def config(self, **overrides: Any) -> JobConfig:
+    def config(self, base: str, **overrides: Any) -> JobConfig:
         s = self.s
         cfg = JobConfig(steps=s.steps, seed=s.seed, preset=s.preset, guard_every=s.every)
-        return dataclasses.replace(cfg, **overrides)
+        return dataclasses.replace(cfg, **BASES[base], **overrides)
+
+    @staticmethod
+    def key(base: str, name: str) -> str:
+        """A job's name in ``runs``: ``NAME`` on the plain base, ``BASE/NAME`` on another."""
+        return name if base == "plain" else f"{base}/{name}"
+
+    @staticmethod
+    def flat(key: str) -> str:
+        """``key`` as one file name (for the attackers' material and the launches)."""
+        return key.replace("/", "-")
 
     def job(
         self, name: str, cfg: JobConfig, implant_spec: dict[str, Any] | None = None
@@ -144,9 +160,8 @@ class Bench:
         """Runs ``launch`` (split per job in isolate mode) and records how it ended."""
         if self.s.mode == "isolate" and len(launch.entries) > 1:
             for entry in launch.entries:
-                single = dataclasses.replace(
-                    launch, name=f"{launch.name}-{entry['name']}", entries=[entry]
-                )
+                name = self.flat(f"{launch.name}-{entry['name']}")
+                single = dataclasses.replace(launch, name=name, entries=[entry])
                 self.launch(single)
             return
         plan = self.root / "launches" / f"{launch.name}.plan.json"
@@ -188,19 +203,26 @@ class Bench:
     # --- the phases --------------------------------------------------------------------
 
     def clean_runs(self) -> list[str]:
-        """The reference (seed S, checkpoint at K), its rerun, and repeat-1 other seeds."""
+        """Per base: the reference (seed S, checkpoint at K), its rerun, and repeat-1 seeds."""
         s, k = self.s, self.s.inject_step
-        entries = [
-            self.job("clean", self.config(save_at=[k])),
-            self.job("clean-rerun", self.config()),
-        ]
-        entries += [
-            self.job(f"clean-seed{s.seed + i}", self.config(seed=s.seed + i))
-            for i in range(1, s.repeat)
-        ]
+        entries = []
+        for base in s.bases:
+            entries += [
+                self.job(self.key(base, "clean"), self.config(base, save_at=[k])),
+                self.job(self.key(base, "clean-rerun"), self.config(base)),
+            ]
+            entries += [
+                self.job(
+                    self.key(base, f"clean-seed{s.seed + i}"), self.config(base, seed=s.seed + i)
+                )
+                for i in range(1, s.repeat)
+            ]
         self.launch(Launch("clean", entries, guard=s.guard))
         if s.guard:  # the same job without the Guard, in the same invocation, for the overhead
-            self.launch(Launch("unguarded", [self.job("clean-unguarded", self.config())]))
+            plain = [
+                self.job(self.key(base, "clean-unguarded"), self.config(base)) for base in s.bases
+            ]
+            self.launch(Launch("unguarded", plain))
         return [e["name"] for e in entries]
 
     def implant_runs(self, scenarios: list[Scenario]) -> None:
@@ -208,62 +230,77 @@ class Bench:
             return
         site = implant.sitecustomize_dir(self.root / "work" / "implant")
         entries = []
-        for sc in scenarios:
-            marker = self.root / "work" / f"{sc.name}.implant-ran.json"
-            marker.unlink(missing_ok=True)
-            spec = {
-                **sc.params,
-                "step": self.s.inject_step,
-                "rank": self.s.attacked_rank,
-                "marker": str(marker),
-            }
-            entries.append(self.job(sc.name, self.config(), spec))
-            self.evidence[sc.name] = {"implant": spec, "implant_marker": str(marker)}
+        for base in self.s.bases:
+            for sc in scenarios:
+                key = self.key(base, sc.name)
+                marker = self.root / "work" / f"{self.flat(key)}.implant-ran.json"
+                marker.unlink(missing_ok=True)
+                spec = {
+                    **sc.params,
+                    "step": self.s.inject_step,
+                    "rank": self.s.attacked_rank,
+                    "marker": str(marker),
+                }
+                entries.append(self.job(key, self.config(base), spec))
+                self.evidence[key] = {"implant": spec, "implant_marker": str(marker)}
         self.launch(Launch("implant", entries, pythonpath=[str(site)], guard=self.s.guard))
 
     def resume_runs(self, scenarios: list[Scenario]) -> None:
-        """Resume-from-checkpoint and configuration attacks; needs the clean reference."""
+        """Resume-from-checkpoint and configuration attacks; needs each base's reference.
+
+        A pickle payload's hook outlives its job: one ``resume-pickle`` job ends the launch
+        of the others, each further one (on another base) gets a launch of its own.
+        """
         if not scenarios:
             return
+        entries, pickles = [], []
+        for base in self.s.bases:
+            for entry in self._resume_entries(base, scenarios):
+                is_pickle = entry["name"] == self.key(base, "resume-pickle")
+                (pickles if is_pickle else entries).append(entry)
+        self.launch(Launch("resume", entries + pickles[:1], guard=self.s.guard))
+        for entry in pickles[1:]:
+            self.launch(Launch(self.flat(entry["name"]), [entry], guard=self.s.guard))
+
+    def _resume_entries(self, base: str, scenarios: list[Scenario]) -> list[dict[str, Any]]:
         k = self.s.inject_step
-        source = self.runs["clean"] / "ckpt" / f"step{k}.pt"
+        clean = self.runs[self.key(base, "clean")]
+        source = clean / "ckpt" / f"step{k}.pt"
         if not source.exists():
-            result = json.loads((self.runs["clean"] / "result-rank0.json").read_text() or "{}")
+            result = json.loads((clean / "result-rank0.json").read_text() or "{}")
             why = f"status {result.get('status')}: {result.get('reason')}"
-            raise RuntimeError(f"the clean reference run wrote no checkpoint at step {k} ({why})")
+            raise RuntimeError(
+                f"the clean reference run of base {base} wrote no checkpoint at step {k} ({why})"
+            )
         entries = []
         resumes = [sc for sc in scenarios if sc.kind == "resume"]
         if resumes:  # the control: the same resume from the untouched checkpoint
-            entries.append(
-                self.job(
-                    "resume-clean",
-                    self.config(resume_from=str(self._copy_ckpt(source, "resume-clean"))),
-                )
-            )
-        for sc in sorted(
-            scenarios, key=lambda sc: sc.name == "resume-pickle"
-        ):  # payloads persist: last
+            key = self.key(base, "resume-clean")
+            ckpt = self._copy_ckpt(source, key)
+            entries.append(self.job(key, self.config(base, resume_from=str(ckpt))))
+        for sc in scenarios:
+            key = self.key(base, sc.name)
             if sc.kind == "config":
-                entry = self.job(sc.name, self.config())
-                changes = {"lr": self.config().lr * 4}
-                self.evidence[sc.name] = attackers.tamper_config(Path(entry["config"]), changes)
+                entry = self.job(key, self.config(base))
+                changes = {"lr": self.config(base).lr * 4}
+                self.evidence[key] = attackers.tamper_config(Path(entry["config"]), changes)
             elif sc.name == "resume-pickle":
-                path = self._copy_ckpt(source, sc.name)
-                marker = self.root / "work" / "resume-pickle.payload-ran"
+                path = self._copy_ckpt(source, key)
+                marker = self.root / "work" / f"{self.flat(key)}.payload-ran"
                 marker.unlink(missing_ok=True)
-                self.evidence[sc.name] = attackers.poison_checkpoint(path, path, marker)
-                entry = self.job(sc.name, self.config(resume_from=str(path)))
+                self.evidence[key] = attackers.poison_checkpoint(path, path, marker)
+                entry = self.job(key, self.config(base, resume_from=str(path)))
             else:
-                path = self._copy_ckpt(source, sc.name)
-                self.evidence[sc.name] = attackers.tamper_checkpoint(
+                path = self._copy_ckpt(source, key)
+                self.evidence[key] = attackers.tamper_checkpoint(
                     path, sc.params["mode"], self.s.seed
                 )
-                entry = self.job(sc.name, self.config(resume_from=str(path)))
+                entry = self.job(key, self.config(base, resume_from=str(path)))
             entries.append(entry)
-        self.launch(Launch("resume", entries, guard=self.s.guard))
+        return entries
 
-    def _copy_ckpt(self, source: Path, name: str) -> Path:
-        dest = self.root / "work" / "ckpt" / name / source.name
+    def _copy_ckpt(self, source: Path, key: str) -> Path:
+        dest = self.root / "work" / "ckpt" / self.flat(key) / source.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         for file in source.parent.glob(source.name + "*"):  # the checkpoint and any sidecar
             copy = shutil.copytree if file.is_dir() else shutil.copy2
@@ -276,16 +313,20 @@ class Bench:
             shutil.rmtree(overlay)
         info = attackers.build_overlay(overlay)
         info["record_mismatches"] = attackers.record_mismatches(overlay)
-        self.evidence[sc.name] = info
-        entry = self.job(sc.name, self.config())
+        entries = []
+        for base in self.s.bases:
+            key = self.key(base, sc.name)
+            self.evidence[key] = dict(info)
+            entries.append(self.job(key, self.config(base)))
         env = {"PYTHONDONTWRITEBYTECODE": "1"}
         self.launch(
-            Launch(sc.name, [entry], pythonpath=[str(overlay)], env=env, guard=self.s.guard)
+            Launch(sc.name, entries, pythonpath=[str(overlay)], env=env, guard=self.s.guard)
         )
 
-    def kill_run(self, sc: Scenario) -> None:
-        entry = self.job(sc.name, self.config())
-        record = self.root / "work" / f"{sc.name}.kill.json"
+    def kill_run(self, sc: Scenario, base: str) -> None:
+        key = self.key(base, sc.name)
+        entry = self.job(key, self.config(base))
+        record = self.root / "work" / f"{self.flat(key)}.kill.json"
         record.unlink(missing_ok=True)
         attacker = [
             sys.executable,
@@ -303,18 +344,21 @@ class Bench:
             "--out",
             str(record),
         ]
-        self.evidence[sc.name] = {"record": str(record)}
-        self.launch(Launch(sc.name, [entry], attacker=attacker, guard=self.s.guard))
+        self.evidence[key] = {"record": str(record)}
+        self.launch(Launch(self.flat(key), [entry], attacker=attacker, guard=self.s.guard))
 
-    def records_run(self, sc: Scenario) -> None:
-        """Rewrites a finished run's records: a copy of the clean reference's folder."""
-        run_dir = self.root / "runs" / sc.name
+    def records_run(self, sc: Scenario, base: str) -> None:
+        """Rewrites a finished run's records: a copy of the base's clean reference's folder."""
+        key = self.key(base, sc.name)
+        run_dir = self.root / "runs" / key
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        shutil.copytree(self.runs["clean"], run_dir, ignore=shutil.ignore_patterns("ckpt"))
-        self.runs[sc.name] = run_dir
+        shutil.copytree(
+            self.runs[self.key(base, "clean")], run_dir, ignore=shutil.ignore_patterns("ckpt")
+        )
+        self.runs[key] = run_dir
         ledger = [sys.executable, "-m", "trainguard", "ledger"]
-        head = self.root / "work" / f"{sc.name}.head.json"
+        head = self.root / "work" / f"{self.flat(key)}.head.json"
         if self.s.guard:
             # what the team keeps outside the run folder when the run ends: without it, a
             # ledger whose tail was cut reads as a run that is still open
@@ -333,11 +377,11 @@ class Bench:
                 "stdout": proc.stdout[-4000:],
                 "stderr": proc.stderr[-2000:],
             }
-        self.evidence[sc.name] = info
+        self.evidence[key] = info
 
 
 def run_all(settings: Settings, scenarios: list[Scenario]) -> Bench:
-    """All launches for ``scenarios`` plus the clean runs, in dependency order."""
+    """All launches for ``scenarios`` on every base plus the clean runs, in dependency order."""
     bench = Bench(settings)
     bench.clean_runs()
     bench.implant_runs([sc for sc in scenarios if sc.kind == "implant"])
@@ -345,8 +389,9 @@ def run_all(settings: Settings, scenarios: list[Scenario]) -> Bench:
     for sc in scenarios:
         if sc.kind == "overlay":
             bench.overlay_run(sc)
-        elif sc.kind == "kill":
-            bench.kill_run(sc)
-        elif sc.kind == "records":
-            bench.records_run(sc)
+        for base in settings.bases:
+            if sc.kind == "kill":
+                bench.kill_run(sc, base)
+            elif sc.kind == "records":
+                bench.records_run(sc, base)
     return bench

@@ -34,6 +34,18 @@ class Scenario:
         """Acts on one chosen rank (the runner picks the last rank)."""
         return self.kind in ("implant", "kill")
 
+    def acts_on(self, world_size: int, attacked_rank: int) -> set[int]:
+        """The ranks the attacker acted on: an alert naming another rank names the wrong one.
+
+        Implants and kills act in the attacked rank's process only, even when the damage
+        spreads to the others through the all-reduce (``patch-allreduce-ws``, ``grad-*-pre``).
+        The edited environment, the config and the checkpoints are read by every rank; the
+        records are rewritten after the run, when no rank runs.
+        """
+        if self.rank_specific:
+            return {attacked_rank}
+        return set(range(world_size))
+
     @property
     def before_start(self) -> bool:
         """Acts before the first training step: the Guard must stop the job there."""
@@ -258,9 +270,12 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 
 
 def select(names: str) -> list[Scenario]:
-    """``all``, one name, a comma-separated list, or attack numbers (``4`` = all of 4)."""
+    """``all``, ``none`` (the clean runs only), one name, a comma-separated list, or attack
+    numbers (``4`` = all of 4)."""
     if names == "all":
         return list(SCENARIOS)
+    if names == "none":
+        return []
     chosen: list[Scenario] = []
     for part in names.split(","):
         part = part.strip()

@@ -235,3 +235,105 @@ def test_guard_on_without_a_guard_is_one_clear_line(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1
     assert "trainguard.Guard" in proc.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+# --- the bases: the same job with the practices of real training code --------------------
+
+#: every base but plain (which the fixture above runs), and attacks that act on what the
+#: bases change: the optimizer's step (wrapped by an lr scheduler), the lr (rewritten by the
+#: scheduler), the data loader (worker processes) and a resume (the scheduler's state in the
+#: checkpoint); the clean job once and its same-seed rerun
+OTHER_BASES = ["workers", "accum", "sched", "practice"]
+BASE_ATTACKS = ["patch-optimizer-step", "hparam-lr", "data-reshuffle", "ckpt-edit"]
+
+
+@pytest.fixture(scope="module")
+def base_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("sabotage-bases")
+    args = ["run", "--out", str(out), "--preset", "tiny", "--steps", "15", "--repeat", "1"]
+    args += ["--base", ",".join(OTHER_BASES), "--attack", ",".join(BASE_ATTACKS)]
+    proc = _run([sys.executable, "-m", "benchmarks.sabotage", *args])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return data, out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_each_base_runs_its_practice_reproducibly_and_resumes_exactly(
+    base_results: tuple[dict[str, Any], Path],
+) -> None:
+    from benchmarks.sabotage.job import BASES
+
+    results, out = base_results
+    assert results["bases"] == OTHER_BASES
+    assert results["false_alarms"] == 0
+    assert results["clean_runs"] == 2 * len(OTHER_BASES)
+    assert results["wrong_rank"] == 0
+    assert sorted({r["base"] for r in results["clean"]["runs"]}) == sorted(OTHER_BASES)
+    for base in OTHER_BASES:
+        part = results["by_base"][base]
+        assert part["clean"]["reproducible"] is True, base
+        assert part["clean"]["noise"]["same_seed"] == {"val_loss_delta": 0.0, "weight_l2": 0.0}
+        assert part["controls"]["resume-clean"]["exact"] is True, base
+        for rank in (0, 1):  # each rank really ran the base's loop
+            path = out / "runs" / base / "clean" / f"result-rank{rank}.json"
+            result = json.loads(path.read_text())
+            assert BASES[base].items() <= result["config"].items(), base
+            assert result["steps_done"] == 15
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_every_attack_still_acts_on_every_base(base_results: tuple[dict[str, Any], Path]) -> None:
+    results, _ = base_results
+    rows = {(row["attack"], row["base"]): row for row in results["scenarios"]}
+    assert sorted(rows) == sorted((a, b) for a in BASE_ATTACKS for b in OTHER_BASES)
+    for (attack, base), row in rows.items():
+        effect = row["effect"]
+        assert effect["weight_l2"] > 0, (attack, base)
+        assert effect["val_loss_delta"] != 0, (attack, base)
+        if attack in DESYNC:
+            assert effect["replica_l2"] > 0, (attack, base)
+        if row["kind"] == "implant":
+            assert row["evidence"]["implant_ran"] is not None, (attack, base)
+        else:
+            assert effect["bytes_changed"] > 0, (attack, base)
+        assert not row["detected"], (attack, base)
+        assert row["wrong_rank"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_guard_on_practice_no_false_alarm_and_the_right_rank(tmp_path: Path) -> None:
+    """The Guard on the practice base: workers, accumulation and an lr scheduler object.
+
+    Issue 9: clean runs of ordinary training code raise no alert, and a rank-specific attack
+    (weight decay changed on rank 1, the one the loss-drift tie-break once blamed on rank 0)
+    is detected with the right rank named, and no alert names another.
+    """
+    from benchmarks.sabotage.guard_hook import guard_available
+
+    missing = guard_available()
+    if missing is not None:
+        pytest.skip(missing)
+    args = ["run", "--guard", "on", "--base", "practice", "--preset", "tiny", "--steps", "30"]
+    args += ["--every", "5", "--repeat", "1", "--attack", "hparam-wd", "--out", str(tmp_path)]
+    proc = _run([sys.executable, "-m", "benchmarks.sabotage", *args], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    alerts = {}  # what to fix, when a clean run alarms
+    for row in results["clean"]["runs"]:
+        for rank in (0, 1):
+            path = tmp_path / "runs" / "practice" / row["name"] / f"alerts-rank{rank}.json"
+            found = json.loads(path.read_text()) if path.exists() else []
+            alerts[(row["name"], rank)] = [
+                (a.get("step"), a.get("rank"), a.get("detector"), a.get("message")) for a in found
+            ]
+    assert results["clean_runs"] == 2
+    assert results["false_alarms"] == 0, alerts
+    assert results["wrong_rank"] == 0, results["scenarios"]
+    (row,) = results["scenarios"]
+    assert row["attack"] == "hparam-wd"
+    assert row["detected"], row
+    assert row["rank_named"] == 1, row

@@ -1,4 +1,8 @@
-"""The Guard in one process: each sensor and detector on a real model and optimizer."""
+"""The Guard in one process: each sensor and detector on a real model and optimizer.
+
+PYTEST_DONT_REWRITE: this file plays the job's own code, and the Guard checks that code
+objects are what their file compiles to; pytest's assertion rewriting would make them not.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ def make(tmp_path: Path, key: Path, **options):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     settings = {"every": 5, "owner_key": key, "verify_env": False, "seed": 0, **options}
+    # this file plays the job's code: declared, as a job declares the code it sealed
+    settings.setdefault("code_roots", [__file__])
     guard = trainguard.Guard(model, optimizer, run_dir=tmp_path / "run", **settings)
     return model, optimizer, guard
 
@@ -60,12 +66,18 @@ def test_clean_training_is_quiet_and_closes_the_ledger(tmp_path, owner_key):
     assert json.loads((tmp_path / "run" / "alerts-rank0.json").read_text()) == []
 
 
-def test_monkeypatched_optimizer_step_is_named(tmp_path, owner_key):
+def test_monkeypatched_optimizer_step_is_named(tmp_path, owner_key, foreign):
     model, optimizer, guard = make(tmp_path, owner_key)
     original = torch.optim.AdamW.step
-
-    def patched(self, *args, **kwargs):
-        return original(self, *args, **kwargs)
+    implant = foreign(
+        """
+        import torch
+        original = torch.optim.AdamW.step
+        def patched(self, *args, **kwargs):
+            return original(self, *args, **kwargs)
+        """
+    )
+    patched = implant.patched
 
     inherited = "step" not in vars(torch.optim.AdamW)
     try:
@@ -81,13 +93,54 @@ def test_monkeypatched_optimizer_step_is_named(tmp_path, owner_key):
     found = [a for a in guard.alerts if a.detector == "monkeypatch"]
     # AdamW inherits step from Adam: patching AdamW.step adds a name to its class
     assert any("AdamW.step" in a.message for a in found), [a.message for a in found]
+    assert "unknown code" in found[0].message
 
 
-def test_functional_code_swap_is_seen(tmp_path, owner_key):
+def test_a_patch_by_the_jobs_own_code_is_recorded_not_alerted(tmp_path, owner_key):
+    """The job (here: this test file, declared as the job's code) wrapping a torch
+    function is the job's own business: recorded in the ledger, no alert."""
+    model, optimizer, guard = make(tmp_path, owner_key)
+    original = torch.nn.functional.mse_loss
+
+    def logged(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    try:
+        torch.nn.functional.mse_loss = logged
+        train(model, optimizer, guard, 6)
+    finally:
+        torch.nn.functional.mse_loss = original
+        guard.close()
+    assert guard.alerts == []
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainguard",
+            "ledger",
+            "show",
+            str(tmp_path / "run"),
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    events = [
+        e["payload"] for e in json.loads(shown.stdout)["entries"] if e["kind"] == "sensor.event"
+    ]
+    assert any(e.get("event") == "monkeypatch" and e["origin"] == "job" for e in events), events
+
+
+def test_functional_code_swap_is_seen(tmp_path, owner_key, foreign):
     """Swapping a function's ``__code__`` keeps its identity: only the code check sees it."""
-
-    def damped(input, target, *args, **kwargs):
-        return ((input - target) ** 2).mean() * 0.5
+    damped = foreign(
+        """
+        def damped(input, target, *args, **kwargs):
+            return ((input - target) ** 2).mean() * 0.5
+        """
+    ).damped
 
     model, optimizer, guard = make(tmp_path, owner_key)
     code = torch.nn.functional.mse_loss.__code__
@@ -100,17 +153,78 @@ def test_functional_code_swap_is_seen(tmp_path, owner_key):
     assert any("mse_loss had its code replaced" in a.message for a in guard.alerts)
 
 
-def test_new_global_optimizer_hook_is_reported(tmp_path, owner_key):
+def test_new_global_optimizer_hook_is_reported(tmp_path, owner_key, foreign):
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     model, optimizer, guard = make(tmp_path, owner_key)
-    handle = register_optimizer_step_pre_hook(lambda *a: None)
+    hook = foreign("hook = lambda *a: None").hook
+    handle = register_optimizer_step_pre_hook(hook)
+    mine = register_optimizer_step_pre_hook(lambda *a: None)  # the job's own: fine
+    try:
+        train(model, optimizer, guard, 5)
+    finally:
+        handle.remove()
+        mine.remove()
+        guard.close()
+    (alert,) = guard.alerts
+    assert "global optimizer pre-step hook" in alert.message
+    assert "implant" in alert.message
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import functools, torch\nhook = functools.partial(torch.mul, other=8.0)",
+        "hook = compile('lambda g: g * 8', '<attack>', 'eval')\nhook = eval(hook)",
+    ],
+    ids=["partial-of-a-c-function", "compiled-from-a-string"],
+)
+def test_a_gradient_hook_nobody_can_vouch_for_is_reported(tmp_path, owner_key, foreign, source):
+    """Evasions of attribution: a hook that is a partial of a torch C function (no Python
+    code of its own), or code compiled from a string."""
+    model, optimizer, guard = make(tmp_path, owner_key)
+    hook = foreign(source).hook
+    model[0].weight.register_hook(hook)
+    train(model, optimizer, guard, 5)
+    guard.close()
+    assert any(a.detector == "hooks" and "gradient hook" in a.message for a in guard.alerts)
+
+
+def test_a_module_dropped_next_to_the_job_is_not_the_jobs_code(tmp_path, owner_key):
+    """Evasion: put the implant inside the job's own repository (next to the job's
+    modules) so that a folder-based notion of "the job's code" would vouch for it. Only the
+    entry script and the declared code roots are the job's."""
+    implant = Path(__file__).with_name("_dropped_implant_for_test.py")
+    implant.write_text("import torch\ndef reseed():\n    torch.manual_seed(4242)\n")
+    try:
+        import importlib
+
+        module = importlib.import_module("tests.runtime._dropped_implant_for_test")
+        model, optimizer, guard = make(tmp_path, owner_key)
+        train(model, optimizer, guard, 3, before_step=lambda s: s == 1 and module.reseed())
+        guard.close()
+    finally:
+        implant.unlink()
+        sys.modules.pop("tests.runtime._dropped_implant_for_test", None)
+    assert "sensor:reseed" in detectors(guard)
+
+
+def test_code_claiming_a_trusted_file_is_unknown(tmp_path, owner_key):
+    """Evasion: compile the attack with a torch file's name, so that its frames and its
+    function look like torch's. Its bytes are not what that file compiles to."""
+    model, optimizer, guard = make(tmp_path, owner_key)
+    namespace: dict = {}
+    adam = sys.modules["torch.optim.adam"].__file__
+    exec(compile("def hook(*a):\n    return None\n", adam, "exec"), namespace)
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(namespace["hook"])
     try:
         train(model, optimizer, guard, 5)
     finally:
         handle.remove()
         guard.close()
-    assert any("global optimizer pre-step hook" in a.message for a in guard.alerts)
+    assert any(a.detector == "hooks" for a in guard.alerts), [a.message for a in guard.alerts]
 
 
 def test_learning_rate_off_schedule(tmp_path, owner_key):
@@ -138,12 +252,15 @@ def test_betas_changed(tmp_path, owner_key):
     assert "hyperparameters" in detectors(guard)
 
 
-def test_reseed_and_nan(tmp_path, owner_key):
+def test_reseed_and_nan(tmp_path, owner_key, foreign):
     model, optimizer, guard = make(tmp_path, owner_key)
+    implant = foreign("import torch\ndef reseed():\n    torch.manual_seed(99)\n")
 
     def reseed(step):
+        if step == 2:
+            torch.manual_seed(7)  # the job's own re-seed: recorded, not an alert
         if step == 3:
-            torch.manual_seed(99)
+            implant.reseed()
 
     train(
         model,
@@ -155,6 +272,9 @@ def test_reseed_and_nan(tmp_path, owner_key):
     )
     guard.close()
     assert {"sensor:reseed", "nonfinite"} <= detectors(guard)
+    (reseed,) = [a for a in guard.alerts if a.detector == "sensor:reseed"]
+    assert reseed.step == 3
+    assert "implant" in reseed.details["by"]
 
 
 def test_loss_spike_after_warmup(tmp_path, owner_key):
@@ -165,11 +285,16 @@ def test_loss_spike_after_warmup(tmp_path, owner_key):
     assert 50 <= alert.step <= 53
 
 
-def test_subprocess_is_recorded_and_blocked_under_halt(tmp_path, owner_key):
+def test_subprocess_is_recorded_and_blocked_under_halt(tmp_path, owner_key, foreign):
     model, optimizer, guard = make(tmp_path, owner_key, policy="halt")
+    mine = tmp_path / "MINE"
+    subprocess.run(["touch", str(mine)], check=True)  # the job's own: runs, no alert
+    assert mine.exists()
+    assert guard.alerts == []
     marker = tmp_path / "RAN"
+    implant = foreign("import subprocess\ndef run(m):\n    subprocess.run(['touch', m])\n")
     with pytest.raises(PermissionError):
-        subprocess.run(["touch", str(marker)], check=False)
+        implant.run(str(marker))
     assert not marker.exists()
     assert any(a.detector == "sensor:subprocess.Popen" for a in guard.alerts)
     with pytest.raises(GuardHalt):
@@ -181,9 +306,12 @@ def test_unpickling_outside_the_allowlist_is_seen(tmp_path, owner_key):
     import pickle
 
     model, optimizer, guard = make(tmp_path, owner_key)
-    pickle.loads(b"\x80\x02ccollections\ndeque\n)R.")
+    pickle.loads(b"\x80\x02ccollections\ndeque\n)R.")  # plain data: not an event
+    pickle.loads(b"\x80\x02cbuiltins\nlen\n.")  # a function a payload could call
     guard.close()
-    assert any("collections.deque" in a.message for a in guard.alerts)
+    assert [a.message for a in guard.alerts] == [
+        "pickle.find_class: unpickling imports builtins.len"
+    ]
 
 
 def test_signed_checkpoint_round_trip_and_tampering(tmp_path, owner_key):
@@ -192,7 +320,8 @@ def test_signed_checkpoint_round_trip_and_tampering(tmp_path, owner_key):
     guard.save_checkpoint(tmp_path / "ckpt.safetensors")
     reference = [p.detach().clone() for p in model.parameters()]
     train(model, optimizer, guard, 3)
-    guard.load_checkpoint(tmp_path / "ckpt.safetensors")
+    guard.load_checkpoint(tmp_path / "ckpt.safetensors", rollback=True)
+    assert guard.alerts == []
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference, strict=True))
     data = bytearray((tmp_path / "ckpt.safetensors").read_bytes())
     data[-5] ^= 0x01
@@ -232,7 +361,15 @@ def test_alert_hook_command_receives_json(tmp_path, owner_key):
         if out.exists() and out.read_text():
             break
         time.sleep(0.05)
-    assert json.loads(out.read_text())["detector"] == "nonfinite"
+    text = out.read_text()
+    assert text.endswith("\n"), "newline-terminated"
+    assert text.count("\n") == 1, "one document"
+    payload = json.loads(text)
+    assert payload["detector"] == "nonfinite"
+    assert payload["run_id"] == guard.ledger.run_id
+    assert payload["host"]
+    assert payload["time"]
+    assert payload["pid"]
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, owner_key):

@@ -113,8 +113,10 @@ def test_interfered_rank_is_named(tmp_path, owner_key, scenario, evidence):
     first = min(a["step"] for a in mine)
     assert AT <= first <= AT + 2 * 5, "detected within two check intervals"
     cross = [a for a in alerts(run_dir, 0) if a["detector"] == "agreement"]
-    assert cross, "rank 0 sees the disagreement too"
-    assert {a["rank"] for a in cross} == {VICTIM}
+    if scenario != "rng":
+        # DDP averages the gradients: a re-seed changes dropout masks, not the replicas
+        assert cross, "rank 0 sees the disagreement too"
+    assert {a["rank"] for a in cross} <= {VICTIM}
 
 
 def test_straggler_is_named(tmp_path, owner_key):

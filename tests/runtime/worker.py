@@ -54,7 +54,9 @@ def main() -> None:
     with open(os.path.join(run_dir, f"pid-{rank}"), "w") as f:
         f.write(str(os.getpid()))
     try:
-        for step in range(STEPS):
+        # "steadily slower" needs 50 slow steps of evidence (agreement.Straggler)
+        steps = 80 if scenario == "straggler" else STEPS
+        for step in range(steps):
             x = torch.randn(32, 16, generator=data)
             loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
             optimizer.zero_grad()
@@ -74,6 +76,24 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def foreign_reseed() -> None:
+    """Re-seed from code outside the job (an insider's file in /tmp): the job's own code
+    re-seeding itself is its business and is only recorded."""
+    import importlib.util
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "implant.py")
+    with open(path, "w") as f:
+        f.write("import torch\ndef reseed():\n    torch.manual_seed(1234)\n")
+    spec = importlib.util.spec_from_file_location("implant", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.reseed()
+
+
 def interfere(scenario: str, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     if scenario == "weights" and step == AT:
         with torch.no_grad():
@@ -83,7 +103,7 @@ def interfere(scenario: str, step: int, model: torch.nn.Module, opt: torch.optim
         for group in opt.param_groups:
             group["lr"] = LR * 10
     elif scenario == "rng" and step == AT:
-        torch.manual_seed(1234)
+        foreign_reseed()
     elif scenario == "straggler":
         time.sleep(0.15)
 

@@ -2,10 +2,15 @@
 
 Every rank contributes one row of int64 fields (parameter hash, optimizer settings and
 state, RNG states, code hash, sensor evidence, busy time...). Replicas must agree on
-most fields; a rank that does not is named by majority, or — with two ranks, where
-there is no majority — by the evidence its own sensors recorded (a re-seed, a
-learning rate off schedule, parameters written outside the optimizer), and failing
-that by which rank's loss moved away from its own history.
+most fields. A rank that does not is named only when the evidence proves it: by a strict
+majority (three or more ranks), or — with two ranks, where there is no majority — by the
+evidence its own sensors recorded in the same interval (a learning rate off schedule,
+changed settings, parameters written outside the optimizer). Otherwise the alert says the
+ranks disagree and that it cannot tell which: a wrong name is an accusation.
+
+RNG states are recorded in every row but not required to agree: ordinary jobs draw from
+the global generator on one rank only (rank 0 evaluates, samples text, builds a
+validation loader), so a difference there proves nothing by itself.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +45,7 @@ FIELDS = (
     "pid",
     "severity",
     "arrival_us",
+    "lr0",
 )
 INDEX = {name: i for i, name in enumerate(FIELDS)}
 
@@ -64,11 +70,6 @@ EVIDENCE = {
     "optimizer_state": PATCHED | HYPER_CHANGED | LR_OFF_SCHEDULE | GRADS_ALTERED,
     "hyperparameters": HYPER_CHANGED,
     "lr": LR_OFF_SCHEDULE,
-    # foreign code that ran on a rank (a re-seed, a patch, a write) explains its RNG moving
-    "rng_torch": RESEEDED | PATCHED | PARAMS_WRITTEN | AUDIT_EVENT | DATA_ALTERED,
-    "rng_cuda": RESEEDED | PATCHED | PARAMS_WRITTEN | AUDIT_EVENT | DATA_ALTERED,
-    "rng_python": RESEEDED | PATCHED | PARAMS_WRITTEN | AUDIT_EVENT | DATA_ALTERED,
-    "rng_numpy": RESEEDED | PATCHED | PARAMS_WRITTEN | AUDIT_EVENT | DATA_ALTERED,
     "code": PATCHED,
 }
 #: fields every replica must hold identical, and what a difference means
@@ -78,10 +79,6 @@ MUST_AGREE = {
     "hyperparameters": "runs other optimizer settings",
     "lr": "uses another learning rate",
     "optimizer_state": "holds a different optimizer state",
-    "rng_torch": "has a different torch RNG state",
-    "rng_cuda": "has a different CUDA RNG state",
-    "rng_python": "has a different Python RNG state",
-    "rng_numpy": "has a different NumPy RNG state",
     "code": "runs different code",
 }
 
@@ -103,16 +100,23 @@ class Straggler:
     """A rank steadily slower than its peers, by two measures that do not count the time
     a rank spends waiting for the others: its busy time per step (wall time less the
     wait in DDP's all-reduce, when the guard could time it), and how late it reaches the
-    check's collective (the last to arrive waits least)."""
+    check's collective (the last to arrive waits least).
+
+    "Steadily" needs evidence: ``patience`` checks in a row *and* at least ``min_steps``
+    steps observed slow, so that a few checks a few steps apart on a busy machine (a
+    neighbour's job, a compile) are not enough to call a colleague's rank slow.
+    """
 
     factor: float = 1.5
     min_seconds: float = 0.02
     patience: int = 2
-    streaks: dict[int, int] | None = None
+    min_steps: int = 50
+    streaks: dict[int, tuple[int, int]] = field(default_factory=dict)  # checks, steps
+    fired: set[int] = field(default_factory=set)
 
-    def check(self, step: int, busy: Sequence[float], arrival: Sequence[float]) -> list[Alert]:
-        if self.streaks is None:
-            self.streaks = {}
+    def check(
+        self, step: int, busy: Sequence[float], arrival: Sequence[float], steps: int = 1
+    ) -> list[Alert]:
         alerts = []
         for rank, mine in enumerate(busy):
             others = [b for r, b in enumerate(busy) if r != rank]
@@ -122,8 +126,15 @@ class Straggler:
             lag = arrival[rank] - statistics.median(a for r, a in enumerate(arrival) if r != rank)
             slow_work = mine > self.factor * typical and mine - typical > self.min_seconds
             late = lag > self.min_seconds and lag > (self.factor - 1) * typical
-            self.streaks[rank] = self.streaks.get(rank, 0) + 1 if slow_work or late else 0
-            if self.streaks[rank] == self.patience:
+            if not (slow_work or late):
+                self.streaks.pop(rank, None)
+                self.fired.discard(rank)
+                continue
+            checks, slow_steps = self.streaks.get(rank, (0, 0))
+            checks, slow_steps = checks + 1, slow_steps + steps
+            self.streaks[rank] = (checks, slow_steps)
+            if checks >= self.patience and slow_steps >= self.min_steps and rank not in self.fired:
+                self.fired.add(rank)
                 how = (
                     f"{mine * 1e3:.0f} ms of work per step against {typical * 1e3:.0f} ms"
                     if slow_work
@@ -159,7 +170,8 @@ def shared_at_start(table: torch.Tensor) -> frozenset[str]:
 
 
 def compare(step: int, table: torch.Tensor, fields: frozenset[str] | None = None) -> list[Alert]:
-    """Alerts for every field on which the ranks disagree, naming the odd rank."""
+    """Alerts for every field on which the ranks disagree, naming the odd rank only when
+    a majority or its own evidence proves it."""
     rows = table.tolist()
     alerts: list[Alert] = []
     for name, meaning in MUST_AGREE.items():
@@ -172,7 +184,8 @@ def compare(step: int, table: torch.Tensor, fields: frozenset[str] | None = None
         how = "majority"
         if odd is None:
             odd, how = _by_evidence(name, rows)
-        details = {"field": name, "values": column, "named_by": how}
+        shown = _values(name, rows)
+        details = {"field": name, "values": shown, "named_by": how}
         if not odd:
             alerts.append(
                 Alert(
@@ -180,17 +193,51 @@ def compare(step: int, table: torch.Tensor, fields: frozenset[str] | None = None
                     None,
                     "agreement",
                     Severity.HIGH,
-                    f"ranks disagree: {name} differs ({', '.join(map(str, column))}) "
-                    "and no rank can be singled out",
+                    f"ranks disagree: {name} differs ({_grouped(name, rows)}); "
+                    "cannot tell which rank is wrong",
                     details,
                 )
             )
             continue
         alerts.extend(
-            Alert(step, rank, "agreement", Severity.HIGH, f"rank {rank} {meaning}", details)
+            Alert(
+                step,
+                rank,
+                "agreement",
+                Severity.HIGH,
+                f"rank {rank} {meaning} ({_grouped(name, rows)}; named by {how})",
+                details,
+            )
             for rank in odd
         )
     return alerts
+
+
+def _values(name: str, rows: list[list[int]]) -> list[Any]:
+    """What each rank holds, as a person reads it where the value is known."""
+    if name == "lr":
+        return [bits_float(row[INDEX["lr0"]]) for row in rows]
+    if name == "step":
+        return [row[INDEX["step"]] for row in rows]
+    return [f"{row[INDEX[name]] & 0xFFFFFFFF:08x}" for row in rows]
+
+
+def _grouped(name: str, rows: list[list[int]]) -> str:
+    """'lr 0.025 on rank 1, 0.0025 on ranks 0, 2' (or groups of ranks where only hashes
+    are known)."""
+    values = _values(name, rows)
+    groups: dict[Any, list[int]] = {}
+    for rank, value in enumerate(values):
+        groups.setdefault(value, []).append(rank)
+    ordered = sorted(groups.items(), key=lambda kv: len(kv[1]))
+
+    def ranks(rs: list[int]) -> str:
+        return f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+
+    if name in ("lr", "step"):
+        label = "lr" if name == "lr" else "step"
+        return ", ".join(f"{label} {v:.6g} on {ranks(rs)}" for v, rs in ordered)
+    return " / ".join(f"{ranks(rs)} agree" if len(rs) > 1 else ranks(rs) for _, rs in ordered)
 
 
 def _by_evidence(name: str, rows: list[list[int]]) -> tuple[list[int], str]:
@@ -198,9 +245,4 @@ def _by_evidence(name: str, rows: list[list[int]]) -> tuple[list[int], str]:
     flagged = [r for r, row in enumerate(rows) if row[INDEX["flags"]] & mask]
     if flagged and len(flagged) < len(rows):
         return flagged, "its own sensors"
-    if name in ("params", "optimizer_state"):
-        drifts = [bits_float(row[INDEX["loss_drift"]]) for row in rows]
-        ranked = sorted(range(len(rows)), key=lambda r: drifts[r], reverse=True)
-        if len(ranked) > 1 and drifts[ranked[0]] > 1.02 * max(drifts[ranked[1]], 1e-12):
-            return [ranked[0]], "its loss moving away from its own history"
     return [], "none"

@@ -130,3 +130,63 @@ class LearningRate:
         alert = self.check(info.step, info.lr)
         if alert is not None:
             yield alert
+
+
+def is_scheduler(schedule: object) -> bool:
+    """A torch learning-rate scheduler object (or anything that records the rates it set)."""
+    return hasattr(schedule, "get_last_lr") and hasattr(schedule, "optimizer")
+
+
+def scheduler_keys(scheduler: object) -> frozenset[str]:
+    """Optimizer settings a scheduler changes itself: momentum cycled with the rate."""
+    if getattr(scheduler, "cycle_momentum", False):
+        return frozenset({"betas", "momentum"})
+    children = getattr(scheduler, "_schedulers", None) or ()
+    return frozenset().union(*(scheduler_keys(child) for child in children))
+
+
+class SchedulerRate:
+    """The learning rate the optimizer used against the one its scheduler last set.
+
+    A scheduler writes each group's rate and keeps what it wrote (``get_last_lr``), so
+    the comparison holds whenever the job calls ``scheduler.step()`` — before or after
+    the guard's step, every step or every epoch, with or without a metric
+    (ReduceLROnPlateau) — and after ``scheduler.load_state_dict`` on a resume: a rate
+    that differs was written by something other than the scheduler.
+    """
+
+    name = "lr-schedule"
+
+    def __init__(self, scheduler: object, rank: int | None, rel_tol: float = 1e-6) -> None:
+        self.scheduler = scheduler
+        self.rank = rank
+        self.rel_tol = rel_tol
+        self.fired = False
+
+    def expected(self) -> list[float] | None:
+        try:
+            last = self.scheduler._last_lr  # type: ignore[attr-defined]
+        except AttributeError:
+            return None  # not stepped yet
+        return [float(v) for v in last]
+
+    def check(
+        self, step: int, used: Sequence[float], wanted: Sequence[float] | None
+    ) -> Alert | None:
+        if wanted is None:
+            return None
+        for group, (got, want) in enumerate(zip(used, wanted, strict=False)):
+            if not math.isclose(got, want, rel_tol=self.rel_tol, abs_tol=1e-15):
+                if self.fired:
+                    return None
+                self.fired = True
+                return Alert(
+                    step,
+                    self.rank,
+                    self.name,
+                    Severity.HIGH,
+                    f"learning rate of group {group} is {got:.6g}, its scheduler "
+                    f"({type(self.scheduler).__name__}) set {want:.6g}",
+                    {"group": group, "lr": got, "expected": want},
+                )
+        return None

@@ -95,24 +95,58 @@ def _jsonable(value: Any) -> Any:
     return value if isinstance(value, (int, str, bool, type(None))) else repr(value)
 
 
+#: kept in param groups but not read by the update: schedulers' bookkeeping
+_NOT_SETTINGS = frozenset({"params", "lr", "initial_lr", "max_lr", "min_lr", "base_lr"})
+
+
+def _settings(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[str]:
+    """The group keys the update reads: the optimizer's defaults (a scheduler's own keys,
+    added to the groups later, are not settings); every key for optimizers without any."""
+    defaults = getattr(optimizer, "defaults", None) or group
+    return sorted(k for k in group if k in defaults and k not in _NOT_SETTINGS)
+
+
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Each param group's settings except its parameters and learning rate."""
     return [
-        {k: _jsonable(v) for k, v in sorted(group.items()) if k not in ("params", "lr")}
+        {k: _jsonable(group[k]) for k in _settings(optimizer, group)}
         for group in optimizer.param_groups
     ]
 
 
-def hyperparameter_values(optimizer: torch.optim.Optimizer) -> list[tuple[Any, ...]]:
-    """The same settings as raw values, cheap enough to compare at every step."""
+def hyperparameter_values(
+    optimizer: torch.optim.Optimizer, skip: frozenset[str] = frozenset()
+) -> list[tuple[Any, ...]]:
+    """The same settings as raw values, cheap enough to compare at every step; ``skip``
+    names keys a declared scheduler sets itself (OneCycleLR's momentum)."""
     return [
-        tuple(
-            (k, float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
-            for k, v in group.items()
-            if k not in ("params", "lr")
-        )
+        tuple((k, _plain(group[k])) for k in _settings(optimizer, group) if k not in skip)
         for group in optimizer.param_groups
     ]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def settings_changes(before: list[tuple[Any, ...]], after: list[tuple[Any, ...]]) -> list[str]:
+    """'weight_decay of group 0 from 0.1 to 2.0' for each setting that differs."""
+    if len(before) != len(after):
+        return [f"the optimizer has {len(after)} parameter groups, not {len(before)}"]
+    changes: list[str] = []
+    for index, (old, new) in enumerate(zip(before, after, strict=True)):
+        was, now = dict(old), dict(new)
+        changes += [
+            f"{key} of group {index} from {was.get(key, '<unset>')!r} "
+            f"to {now.get(key, '<unset>')!r}"
+            for key in sorted(set(was) | set(now))
+            if was.get(key, "<unset>") != now.get(key, "<unset>")
+        ]
+    return changes
 
 
 def hyperparameters_hash(optimizer: torch.optim.Optimizer) -> int:

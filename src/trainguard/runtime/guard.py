@@ -25,6 +25,7 @@ import os
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +34,17 @@ from typing import Any
 import torch
 
 from trainguard.errors import Error, Severity
-from trainguard.runtime import agreement
-from trainguard.runtime.dynamics import LearningRate, LrSchedule, NonFinite, RobustAnomaly
+from trainguard.runtime import agreement, checkpoints, closing
+from trainguard.runtime.comm import CommTimer
+from trainguard.runtime.dynamics import (
+    LearningRate,
+    LrSchedule,
+    NonFinite,
+    RobustAnomaly,
+    SchedulerRate,
+    is_scheduler,
+    scheduler_keys,
+)
 from trainguard.runtime.fingerprint import (
     WriteWatch,
     float_bits,
@@ -44,13 +54,15 @@ from trainguard.runtime.fingerprint import (
     optimizer_state_hash,
     params_hash,
     rng_hashes,
+    settings_changes,
     text_hash,
 )
 from trainguard.runtime.interface import Alert, GuardError, GuardHalt, Policy, StepInfo
-from trainguard.runtime.liveness import CommTimer, SignalWatch, Watchdog, pid_alive
+from trainguard.runtime.liveness import SignalWatch, Watchdog
 from trainguard.runtime.notify import Notifier
-from trainguard.runtime.sensors import AuditSensor, HookWatch, PatchWatch, SeedWatch
-from trainguard.runtime.startup import open_ledger, verify_start
+from trainguard.runtime.provenance import Attribution, Origin, Provenance
+from trainguard.runtime.sensors import AuditSensor, HookWatch, PatchWatch, SeedWatch, arm
+from trainguard.runtime.startup import open_ledger, startup_line, verify_start
 
 _VERSION = operator.attrgetter("_version")
 
@@ -77,7 +89,7 @@ class Guard:
         run_dir: str | os.PathLike[str],
         every: int = 50,
         policy: Policy = "alert",
-        lr_schedule: LrSchedule | None = None,
+        lr_schedule: LrSchedule | Any | None = None,
         seed: int | None = None,
         owner_key: str | os.PathLike[str] | None = None,
         manifest: str | os.PathLike[str] | None = None,
@@ -90,13 +102,16 @@ class Guard:
         hang_timeout: float = 600.0,
         hook: str | None = None,
         group: Any = None,
+        code_roots: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         if every < 1:
             raise GuardError("every must be at least 1")
         if policy not in ("alert", "halt"):
             raise GuardError(f"policy must be 'alert' or 'halt', not {policy!r}")
         self.model = model
-        self.optimizer = optimizer
+        # accelerate's and Lightning's wrappers delegate to the optimizer that steps
+        self.optimizer = unwrap_optimizer(optimizer)
+        optimizer = self.optimizer
         self.run_dir = Path(run_dir)
         self.every = every
         self.policy = policy
@@ -113,69 +128,108 @@ class Guard:
         self._closed = False
         self._notify = Notifier(hook)
         self._stream = self.run_dir / f"alerts-rank{self.rank}.jsonl"
-        self.ledger = open_ledger(self.run_dir, self.rank, self.world, owner_key)
-        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        env_alerts, env_summary = verify_start(
-            verify_env, manifest, pubkey, packages, config, self.run_dir, config_sha256
-        )
-        self.code_hash = text_hash(env_summary["code"])
-        self.ledger.append(
-            "run.started",
-            {
-                "rank": self.rank,
-                "world": self.world,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "argv": sys.argv[:20],
-                "every": every,
-                "policy": policy,
-                "seed": seed,
-                **env_summary,
-            },
-            rank=self.rank,
-        )
-        self._detectors: list[Any] = [
-            NonFinite(self.rank),
-            RobustAnomaly("loss-anomaly", lambda i: i.loss, self.rank),
-            RobustAnomaly("grad-norm-anomaly", lambda i: i.grad_norm, self.rank),
-        ]
-        self._loss = self._detectors[1]
-        self._lr = LearningRate(lr_schedule, self.rank) if lr_schedule else None
-        self._hyper = hyperparameters_hash(optimizer)
-        self._hyper_values = hyperparameter_values(optimizer)
-        self._pending: list[tuple[int, Any, Any, list[float]]] = []
-        self._checks = 0
-        self._state_hash = torch.zeros((), dtype=torch.int64)
-        self._seed = seed
-        # seeding before the guard starts is the job's own; the seed in force now is the
-        # baseline (ranks often seed differently: seed + rank)
-        self.seeds = SeedWatch(lambda e: self._event(e, agreement.RESEEDED), torch.initial_seed())
-        self._install_optimizer_hooks()
-        # before the patch snapshot: the guard observes dist.all_reduce itself
-        self.comm = CommTimer(model, lambda: (self._step + 1) % self.every == 0)
-        self.patches = PatchWatch((type(model), type(optimizer)))
-        self.hooks = HookWatch(model, optimizer)
-        self.audit = AuditSensor(lambda e: self._event(e, agreement.AUDIT_EVENT))
-        self.audit.block = policy == "halt"
+        # from here on a signal (Ctrl-C, torchrun's SIGTERM) can end the start anywhere:
+        # what _on_signal and close() need exists first, and the signal is recorded
+        self._close_lock = threading.Lock()
+        self._ending: set[str] = set()  # "rank", "run": closing entries written
+        self._signal: dict[str, Any] | None = None  # the signal that ends the run
+        self._peers: list[tuple[str, int]] = []
+        self.ledger: Any = None
         self.signals = SignalWatch(self._on_signal)
-        self.watchdog = Watchdog(hang_timeout, self._on_hang)
-        self._straggler = agreement.Straggler()
-        self._compared: frozenset[str] = frozenset(agreement.MUST_AGREE)
-        self._diverged: set[str] = set()
-        self._pending_diverged: set[str] = set()
-        self._blamed: dict[str, int] = {}
-        self._gone: set[int] = set()
-        self._busy_window: list[float] = []
-        self._peers = self._exchange_pids()
-        self._last_end = time.perf_counter()
         try:
+            self.ledger = open_ledger(self.run_dir, self.rank, self.world, owner_key)
+            self._notify.run_id = self.ledger.run_id
+            self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            # once per host: the first rank there verifies, the others wait for its result
+            env_alerts, env_summary = verify_start(
+                verify_env,
+                manifest,
+                pubkey,
+                packages,
+                config,
+                self.run_dir,
+                config_sha256,
+                rank=self.rank,
+                world=self.world,
+                group=group,
+            )
+            self.code_hash = text_hash(env_summary["code"])
+            self.ledger.append(
+                "run.started",
+                {
+                    "rank": self.rank,
+                    "world": self.world,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "argv": sys.argv[:20],
+                    "every": every,
+                    "policy": policy,
+                    "seed": seed,
+                    **env_summary,
+                },
+                rank=self.rank,
+            )
+            self._new_dynamics()
+            self._lr: LearningRate | None = None
+            self._scheduler: SchedulerRate | None = None
+            self._managed: frozenset[str] = frozenset()
+            if is_scheduler(lr_schedule):
+                self._scheduler = SchedulerRate(lr_schedule, self.rank)
+                self._managed = scheduler_keys(lr_schedule)
+            elif lr_schedule is not None:
+                self._lr = LearningRate(lr_schedule, self.rank)
+            self._hyper = hyperparameters_hash(optimizer)
+            self._hyper_values = hyperparameter_values(optimizer, self._managed)
+            self.provenance = Provenance(code_roots)
+            self._recorded: dict[tuple[str, str], int] = {}
+            self._pending: list[tuple[int, Any, Any, list[float], list[float] | None]] = []
+            self._checks = 0
+            self._state_hash = torch.zeros((), dtype=torch.int64)
+            self._seed = seed
+            # seeding before the guard starts is the job's own; the seed in force now is the
+            # baseline (ranks often seed differently: seed + rank)
+            self.seeds = SeedWatch(
+                lambda e: self._event(e, agreement.RESEEDED),
+                torch.initial_seed(),
+                self.provenance.of_stack,
+            )
+            self._install_optimizer_hooks()
+            # before the patch snapshot: the guard observes dist.all_reduce itself
+            self.comm = CommTimer(model, lambda: (self._step + 1) % self.every == 0)
+            self.comm.params = self._params
+            self.patches = PatchWatch((type(model), type(optimizer)))
+            self.hooks = HookWatch(model, optimizer)
+            self.audit = AuditSensor(
+                lambda e: self._event(e, agreement.AUDIT_EVENT), self.provenance
+            )
+            self.audit.block = policy == "halt"
+            for sensor in (self.audit, self.seeds):
+                arm(sensor)
+            self.watchdog = Watchdog(hang_timeout, self._on_hang)
+            self._straggler = agreement.Straggler()
+            self._compared: frozenset[str] = frozenset(agreement.MUST_AGREE)
+            self._diverged: set[str] = set()
+            self._pending_diverged: set[str] = set()
+            self._blamed: dict[str, int] = {}
+            self._gone: set[int] = set()
+            self._busy_window: list[float] = []
+            self._peers = self._exchange_pids()
+            self._last_end = time.perf_counter()
             for alert in env_alerts:
-                self._raise(alert)
+                if alert.rank is None:
+                    # a host's drift, known to every rank: one report, and every rank halts
+                    self._raise_once(alert)
+                else:
+                    self._raise(alert)
             self._settle(start=True)
         except BaseException as exc:
-            # refused at start: nothing of the guard may outlive it (its audit hook blocks)
+            # refused, or interrupted (Ctrl-C) at start: close what was opened, then let it
+            # propagate; nothing of the guard may outlive it (its audit hook blocks)
             self.close(exc)
             raise
+        sys.stderr.write(
+            startup_line(self.ledger.run_id, self.rank, self.world, env_summary, every) + "\n"
+        )
 
     # --- hooks around optimizer.step -----------------------------------------------
 
@@ -183,6 +237,7 @@ class Guard:
         #: seconds spent in the guard's own code during training (step and hooks)
         self.overhead_seconds = 0.0
         self._lr_used: list[float] = learning_rates(self.optimizer)
+        self._lr_expected: list[float] | None = None
         self._versions_after: int | None = None
         self._opt_end = 0.0
 
@@ -193,6 +248,8 @@ class Guard:
             entered = time.perf_counter()
             self._done = False
             self._lr_used = learning_rates(opt)
+            if self._scheduler is not None:
+                self._lr_expected = self._scheduler.expected()
             self.comm.in_backward = False
             altered = self.comm.grads_changed(self._params) if self.comm.active else None
             if altered:
@@ -219,6 +276,14 @@ class Guard:
             self.optimizer.register_step_post_hook(post),
         ]
 
+    def _new_dynamics(self) -> None:
+        self._loss = RobustAnomaly("loss-anomaly", lambda i: i.loss, self.rank)
+        self._detectors: list[Any] = [
+            NonFinite(self.rank),
+            self._loss,
+            RobustAnomaly("grad-norm-anomaly", lambda i: i.grad_norm, self.rank),
+        ]
+
     def _params_written(self, how: str) -> None:
         self._event(
             {
@@ -240,24 +305,49 @@ class Guard:
         return self._step + 1 if self._done else self._step
 
     def _event(self, event: dict[str, Any], flag: int) -> None:
+        by: Attribution | None = event.pop("by", None)
         event = {"step": self.at, "rank": self.rank, **event}
+        if by is not None:
+            event["by"] = by.where
+            event["origin"] = by.origin.value
         self.events.append(event)
         setup = flag == agreement.RESEEDED and not self._stepped
-        if event.get("event") in _RECORD_ONLY or setup:
-            # code compiled from strings is common inside torch itself: kept, not alerted
-            with contextlib.suppress(Error):
-                self.ledger.append("sensor.event", event, rank=self.rank)
+        if event.get("event") in _RECORD_ONLY or setup or (by is not None and by.trusted):
+            # the job's own code, its packages and torch at work: kept, not alerted
+            self._record(event)
             return
         self._flags |= flag
-        severity = Severity.HIGH
         self._raise(
             Alert(
                 self.at,
                 self.rank,
                 f"sensor:{event['event']}",
-                severity,
+                Severity.HIGH,
                 _event_text(event),
                 event,
+            )
+        )
+
+    def _record(self, event: dict[str, Any]) -> None:
+        """A sensor event that is not an alert goes to the ledger once per kind and place
+        (a DataLoader re-created every epoch must not flood it); repeats are counted."""
+        key = (str(event.get("event")), str(event.get("by") or event.get("detail")))
+        seen = self._recorded.get(key, 0)
+        self._recorded[key] = seen + 1
+        if seen == 0:
+            with contextlib.suppress(Error):
+                self.ledger.append("sensor.event", event, rank=self.rank)
+
+    def _attributed(self, detector: str, change: str, by: Attribution) -> None:
+        """A change seen at a check (a hook, a patch): recorded when trusted code made it."""
+        details = {"change": change, "by": by.where, "origin": by.origin.value}
+        if by.trusted:
+            self._record({"step": self.at, "rank": self.rank, "event": detector, **details})
+            return
+        self._flags |= agreement.PATCHED
+        self._raise(
+            Alert(
+                self.at, self.rank, detector, Severity.HIGH, f"{change} by {by.describe()}", details
             )
         )
 
@@ -275,21 +365,38 @@ class Guard:
         if alert.severity >= self.halt_at:
             self._pending_severity = max(self._pending_severity, int(alert.severity))
 
+    def _raise_once(self, alert: Alert) -> None:
+        """An alert every rank computes alike from the gathered table: rank 0 reports it
+        (one line, one ledger entry per incident); the others keep it for the halt."""
+        if self.rank == 0:
+            self._raise(alert)
+            return
+        self.alerts.append(alert)
+        if alert.severity >= self.halt_at:
+            self._pending_severity = max(self._pending_severity, int(alert.severity))
+
     def _on_signal(self, event: dict[str, Any]) -> None:
-        # a launcher stops the survivors after one rank died: say which one first
-        self._peers_gone()
-        self._raise(
-            Alert(
-                self.at,
-                self.rank,
-                "signal",
-                Severity.CRITICAL,
-                f"received {event['signal']} from pid {event['sender_pid']} "
-                f"(uid {event['sender_uid']}): {event['sender']}",
-                event,
-            )
+        """A terminating signal and its sender, from the signal thread. With action
+        "default" the process ends as soon as this returns: the run is closed first."""
+        if event["action"] != "ignored":
+            self._signal = event
+        what = {"handler": "its handler runs", "ignored": "ignored", "default": "the process ends"}
+        text = (
+            f"received {event['signal']} from pid {event['sender_pid']} "
+            f"(uid {event['sender_uid']}): {event['sender']}; {what[event['action']]}"
         )
-        self.ledger.close()
+        if self.ledger is None:  # still starting: no run to write to yet
+            sys.stderr.write(f"trainguard: rank {self.rank} {text}\n")
+        else:
+            # a launcher stops the survivors after one rank died: say which one first
+            with contextlib.suppress(Exception):
+                closing.report_gone_peers(self)
+            severity = self._pending_severity
+            self._raise(Alert(self.at, self.rank, "signal", Severity.CRITICAL, text, event))
+            # the signal does what the job set it to do; being recorded never halts it
+            self._pending_severity = severity
+        if event["action"] == "default":
+            closing.close_before_death(self)
 
     def _on_hang(self, idle: float, stacks: dict[str, str]) -> None:
         self._raise(
@@ -324,6 +431,7 @@ class Guard:
         finally:
             self._step += 1
             self._done = False
+            self.comm.discard()  # results of a step whose optimizer.step was skipped
             self.comm.in_backward = True
             self._stepped = True
             self._last_end = time.perf_counter()
@@ -332,12 +440,19 @@ class Guard:
     def _local_checks(self, loss: Any, grad_norm: Any, now: float) -> None:
         # values stay on their device until the check: no synchronisation per step
         self._pending.append(
-            (self._step, _detached(loss), _detached(grad_norm), list(self._lr_used))
+            (
+                self._step,
+                _detached(loss),
+                _detached(grad_norm),
+                list(self._lr_used),
+                self._lr_expected,
+            )
         )
         if self.world == 1 and not isinstance(loss, torch.Tensor):
             self._drain()
-        hyper = hyperparameter_values(self.optimizer)
+        hyper = hyperparameter_values(self.optimizer, self._managed)
         if hyper != self._hyper_values:
+            changes = settings_changes(self._hyper_values, hyper)
             self._hyper_values = hyper
             self._hyper = hyperparameters_hash(self.optimizer)
             self._flags |= agreement.HYPER_CHANGED
@@ -347,8 +462,8 @@ class Guard:
                     self.rank,
                     "hyperparameters",
                     Severity.HIGH,
-                    "optimizer settings changed during training (betas, weight decay, eps...)",
-                    {},
+                    "optimizer settings changed during training: " + "; ".join(changes[:4]),
+                    {"changes": changes},
                 )
             )
         # busy time: the step's wall time less the time spent waiting in DDP's all-reduce
@@ -359,32 +474,38 @@ class Guard:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        values = [v for _, loss, norm, _ in pending for v in (loss, norm)]
+        values = [v for _, loss, norm, _, _ in pending for v in (loss, norm)]
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         numbers = (
             iter(torch.stack([t.float().cpu() for t in tensors]).tolist()) if tensors else None
         )
         resolved = [next(numbers) if isinstance(v, torch.Tensor) and numbers else v for v in values]
-        for i, (step, _, _, lr) in enumerate(pending):
+        for i, (step, _, _, lr, wanted) in enumerate(pending):
             loss, norm = resolved[2 * i], resolved[2 * i + 1]
             info = StepInfo(step, loss, lr, norm)
             for detector in self._detectors:
                 for alert in detector.on_step(info):
                     self._raise(alert)
+            alert = None
             if self._lr is not None:
                 alert = self._lr.check(step, lr)
-                if alert is not None:
-                    self._flags |= agreement.LR_OFF_SCHEDULE
-                    self._raise(alert)
+            elif self._scheduler is not None:
+                alert = self._scheduler.check(step, lr, wanted)
+            if alert is not None:
+                self._flags |= agreement.LR_OFF_SCHEDULE
+                self._raise(alert)
 
     def _check(self) -> None:
         self._drain()
-        for change in self.patches.changes():
-            self._flags |= agreement.PATCHED
-            self._raise(Alert(self.at, self.rank, "monkeypatch", Severity.HIGH, change, {}))
-        for change in self.hooks.changes():
-            self._flags |= agreement.PATCHED
-            self._raise(Alert(self.at, self.rank, "hooks", Severity.HIGH, change, {}))
+        for change, replacement in self.patches.changes():
+            by = self.provenance.of_callable(replacement)
+            if by.origin is Origin.MACHINERY:
+                # torch's own code under another watched name is no job's doing
+                by = Attribution(Origin.UNKNOWN, by.where)
+            self._attributed("monkeypatch", change, by)
+        for kind, hook in self.hooks.changes():
+            by = self.provenance.of_callable(hook)
+            self._attributed("hooks", f"a new {kind} registered after start", by)
         if self._writes.written() and not self._flags & agreement.PARAMS_WRITTEN:
             self._params_written("their values or storage")
         reseeded = self.seeds.initial_seed_changed()
@@ -401,16 +522,15 @@ class Guard:
             if alert.rank is None and key in self._blamed:
                 continue
             self._pending_diverged.add(key)
-            if alert.rank is None or alert.rank == self.rank or self.rank == 0:
-                self._raise(alert)
+            self._raise_once(alert)
         self._diverged |= self._pending_diverged
         self._pending_diverged.clear()
         rows = table.tolist()
         busy = [row[agreement.INDEX["busy_us"]] / 1e6 for row in rows]
         arrival = [row[agreement.INDEX["arrival_us"]] / 1e6 for row in rows]
-        for alert in self._straggler.check(self.at, busy, arrival):
-            if alert.rank == self.rank or self.rank == 0:
-                self._raise(alert)
+        window = len(self._busy_window)
+        for alert in self._straggler.check(self.at, busy, arrival, steps=window):
+            self._raise_once(alert)
         self._table = table
         self._flags = 0
         self._busy_window.clear()
@@ -435,6 +555,7 @@ class Guard:
             "pid": os.getpid(),
             "severity": self._pending_severity,
             "arrival_us": 0,
+            "lr0": float_bits(self._lr_used[0] if self._lr_used else 0.0),
         }
         row = torch.tensor([values[name] for name in agreement.FIELDS], dtype=torch.int64)
         row = row.to(self.device)
@@ -498,7 +619,7 @@ class Guard:
         self._compared = agreement.shared_at_start(table)
         for name in ("params", "code", "hyperparameters", "lr"):
             if name not in self._compared:
-                self._raise(
+                self._raise_once(
                     Alert(
                         -1,
                         None,
@@ -508,123 +629,33 @@ class Guard:
                         {"field": name},
                     )
                 )
-        self._compared |= {"params", "code", "hyperparameters", "lr", "step", "optimizer_state"}
+        self._compared |= {"params", "code", "hyperparameters", "lr", "step"}
+        if not _sharded(self.optimizer):
+            # ZeroRedundancyOptimizer: each rank holds its own shard of the state
+            self._compared |= {"optimizer_state"}
         return [tuple(x) for x in out]
 
     # --- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self, path: str | os.PathLike[str], **extra: Any) -> Any:
         """A signed checkpoint of model, optimizer and RNG, recorded in the ledger (rank 0)."""
-        from trainguard import checkpoint
+        return checkpoints.save(self, path, **extra)
 
-        saved = None
-        if self.rank == 0:
-            saved = checkpoint.save(
-                path,
-                model=_unwrap(self.model),
-                optimizer=self.optimizer,
-                step=self._step,
-                data_position={"step": self._step},
-                extra=extra or None,
-                ledger=self.ledger,
-            )
-        _barrier(self.group, self.world)
-        return saved
+    def load_checkpoint(self, path: str | os.PathLike[str], *, rollback: bool = False) -> Any:
+        """Verify and restore a checkpoint; a tampered or foreign one halts before training.
 
-    def load_checkpoint(self, path: str | os.PathLike[str]) -> Any:
-        """Verify and restore a checkpoint; a tampered or foreign one halts before training."""
-        from trainguard import checkpoint
-        from trainguard.errors import CheckpointError
-
-        try:
-            loaded = checkpoint.load(
-                path, model=_unwrap(self.model), optimizer=self.optimizer, ledger=self.ledger
-            )
-        except CheckpointError as exc:
-            alert = Alert(
-                self.at,
-                self.rank,
-                "checkpoint",
-                Severity.CRITICAL,
-                f"refused checkpoint {path}: {exc}",
-                {"path": str(path)},
-            )
-            self._raise(alert)
-            if self.policy == "halt":
-                raise GuardHalt(alert) from exc
-            raise
-        if loaded.step is not None:
-            self._step = int(loaded.step)
-        self._stepped = False  # restoring RNG states after a resume is set-up too
-        return loaded
-
-    # --- closing -------------------------------------------------------------------------
+        Before the first step this is a resume: the step count continues from the
+        checkpoint's. ``rollback=True`` declares a return to an earlier checkpoint of this
+        run in the middle of training, recorded in the ledger with who asked for it; a
+        restore in the middle of training that is not declared is an alert (a halt under
+        policy "halt"). See :mod:`trainguard.runtime.checkpoints`.
+        """
+        return checkpoints.load(self, path, rollback=rollback)
 
     def close(self, error: BaseException | None = None) -> None:
-        """Write the closing entry (rank 0) and the alerts file; stop the sensors."""
-        if self._closed:
-            return
-        self._closed = True
-        if error is None:
-            error = sys.exc_info()[1]  # closed from a `finally` while an error propagates
-        with contextlib.suppress(Exception):
-            self._drain()  # the steps since the last check
-        with contextlib.suppress(Exception):
-            self._peers_gone()  # a peer killed mid-run shows up as a failed collective here
-        self.watchdog.stop()
-        self.audit.close()
-        self.comm.close()
-        self.seeds.restore()
-        for handle in self._hook_handles:
-            handle.remove()
-        if error is not None and not isinstance(error, GuardHalt):
-            self._report_failure(error)
-        alerts_file = self.run_dir / f"alerts-rank{self.rank}.json"
-        alerts_file.write_text(
-            json.dumps([a.to_dict() for a in self.alerts], indent=1, default=str)
-        )
-        payload = {
-            "steps": self._step,
-            "alerts": len(self.alerts),
-            "error": repr(error)[:300] if error else None,
-        }
-        try:
-            self.ledger.append("rank.closed", payload, rank=self.rank)
-            healthy = error is None or isinstance(error, GuardHalt)
-            if _settled_barrier(self.group, self.world, healthy=healthy) and self.rank == 0:
-                self.ledger.close_run(payload)
-        finally:
-            self.ledger.close()
-
-    def _report_failure(self, error: BaseException) -> None:
-        self._raise(
-            Alert(
-                self.at,
-                self.rank,
-                "failure",
-                Severity.HIGH,
-                f"training stopped with {type(error).__name__}: {error}"[:300],
-                {},
-            )
-        )
-
-    def _peers_gone(self) -> None:
-        """Alerts for peer ranks on this host whose process no longer exists (once each)."""
-        host = socket.gethostname()
-        for rank, (where, pid) in enumerate(self._peers):
-            if rank == self.rank or where != host or rank in self._gone or pid_alive(pid):
-                continue
-            self._gone.add(rank)
-            self._raise(
-                Alert(
-                    self.at,
-                    rank,
-                    "liveness",
-                    Severity.CRITICAL,
-                    f"rank {rank} (pid {pid}) is gone: killed or crashed",
-                    {"pid": pid},
-                )
-            )
+        """Write the closing entries (this rank's; rank 0 the run's) and the alerts file;
+        stop the sensors. Works on a Guard whose start was interrupted."""
+        closing.close(self, error)
 
     def __enter__(self) -> Guard:
         return self
@@ -641,34 +672,25 @@ def _detached(value: Any) -> Any:
     return None if value is None else float(value)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, torch.nn.Module) else model
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer that really steps, under accelerate's ``AcceleratedOptimizer`` or
+    Lightning's ``LightningOptimizer`` (both delegate, and hold it as ``optimizer`` or
+    ``_optimizer``). ``ZeroRedundancyOptimizer`` steps itself and is kept."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    if not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        raise GuardError(
+            f"cannot watch optimizer {type(optimizer).__name__}: it is not a torch.optim "
+            "optimizer and holds none"
+        )
+    return optimizer
 
 
-def _settled_barrier(group: Any, world: int, *, healthy: bool) -> bool:
-    """Wait for every rank's closing entry; False when a peer is gone (no closing entry
-    then: the run did not end cleanly, and ``ledger verify`` says so)."""
-    import datetime
-
-    import torch.distributed as dist
-
-    if world == 1 or not dist.is_initialized():
-        return True
-    if not healthy:
-        return False
-    try:
-        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=60))
-    except RuntimeError:
-        return False
-    return True
-
-
-def _barrier(group: Any, world: int) -> None:
-    import torch.distributed as dist
-
-    if world > 1 and dist.is_initialized():
-        dist.barrier(group=group)
+def _sharded(optimizer: Any) -> bool:
+    return type(optimizer).__name__ == "ZeroRedundancyOptimizer"
 
 
 _RECORD_ONLY = frozenset({"compile", "exec"})

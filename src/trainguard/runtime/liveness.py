@@ -3,13 +3,19 @@
 Knowing who sent SIGTERM needs the sender's pid, which Linux gives only to
 ``sigwaitinfo``; that works only if every thread blocks the signal, so
 :func:`protect_signals` must run before any thread starts (first thing in ``main``, or
-through ``trainguard.runtime``'s import in a launcher). When it did not, the guard still
-records the signal, with the sender unknown. SIGKILL cannot be observed by its victim;
-the surviving ranks notice the dead peer instead.
+through ``trainguard.runtime``'s import in a launcher). It starts one thread that
+receives the terminating signals, tells the guards that listen, and then lets each
+signal do what it would have done without trainguard: the Python handler in force (run
+in the main thread), nothing for SIG_IGN, or the default action (the process ends).
+When it did not run, the guard still records the signal, with the sender unknown.
+SIGKILL cannot be observed by its victim; the surviving ranks notice the dead peer
+instead.
 """
 
 from __future__ import annotations
 
+import _thread
+import atexit
 import contextlib
 import os
 import signal
@@ -18,37 +24,115 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 TERMINATING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
+#: what a signal does once recorded: the handler in force, nothing, or the default action
+Action = Literal["handler", "ignored", "default"]
+
+# A signal simulated with ``interrupt_main`` runs its handler only when the main thread
+# next executes bytecode; a real one also cuts short a blocking call (``time.sleep``, a
+# lock, a queue) with EINTR. This real-time signal, aimed at the main thread with a
+# no-op handler, does that cutting short. Nothing else uses it unless a job does, and
+# then it is left alone.
+_NUDGE = signal.SIGRTMAX - 2
+
 _protected = False
+_receiver: threading.Thread | None = None
+_listeners: list[SignalWatch] = []
+#: sender (pid, uid) of a signal the receiving thread passes to a main-thread handler
+_senders: dict[int, tuple[int, int]] = {}
+_listeners_lock = threading.Lock()
 
 
 def protect_signals() -> None:
-    """Block the terminating signals in this thread, so that threads started later do too.
+    """Block the terminating signals in this thread (threads started later inherit it) and
+    start the thread that receives them with their sender.
 
     Call it before the process starts threads (before ``init_process_group``); the
-    guard then learns each signal's sender. Idempotent.
+    guard then learns each signal's sender. Idempotent; a no-op outside the main thread.
     """
+    global _protected, _receiver
+    if _protected or threading.current_thread() is not threading.main_thread():
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(TERMINATING))
+    _protected = True
+    if signal.getsignal(_NUDGE) in (signal.SIG_DFL, None):
+        signal.signal(_NUDGE, _nudged)
+    _receiver = threading.Thread(target=_receive, name="trainguard-signals", daemon=True)
+    _receiver.start()
+    # daemon threads stop running when the interpreter finalises: from then on the
+    # main thread must receive the signals itself, or a SIGTERM at exit would be lost
+    atexit.register(signal.pthread_sigmask, signal.SIG_UNBLOCK, set(TERMINATING))
+
+
+def _nudged(signum: int, frame: Any) -> None:
+    """The nudge only interrupts a blocking call; the signal's own handler does the rest."""
+
+
+def _unprotect_in_child() -> None:
+    # a fork copies only the forking thread: the child (a DataLoader worker) has no
+    # receiver and must take its signals directly, or it could not be stopped
     global _protected
-    if threading.current_thread() is threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_BLOCK, set(TERMINATING))
-        _protected = True
+    if _protected:
+        _protected = False
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(TERMINATING))
 
 
-def _all_threads_block(signum: int) -> bool:
-    bit = 1 << (signum - 1)
-    try:
-        tasks = os.listdir("/proc/self/task")
-        for task in tasks:
-            with open(f"/proc/self/task/{task}/status") as f:
-                for line in f:
-                    if line.startswith("SigBlk:") and not int(line.split()[1], 16) & bit:
-                        return False
-    except OSError:
-        return False
-    return True
+os.register_at_fork(after_in_child=_unprotect_in_child)
+
+
+def _receive() -> None:
+    while True:
+        info = signal.sigwaitinfo(set(TERMINATING))
+        _deliver(info.si_signo, info.si_pid, info.si_uid)
+
+
+def _action(handler: Any) -> Action:
+    if handler == signal.SIG_IGN:
+        return "ignored"
+    if callable(handler):
+        return "handler"
+    return "default"  # SIG_DFL, or None: a handler set outside Python, which we cannot run
+
+
+def _deliver(signum: int, pid: int, uid: int) -> None:
+    """Tell the listeners, then act as the signal would have without trainguard."""
+    handler = signal.getsignal(signum)
+    action = _action(handler)
+    if isinstance(getattr(handler, "__self__", None), SignalWatch):
+        _senders[signum] = (pid, uid)  # a watch's own handler reports it, with the sender
+    with _listeners_lock:
+        listeners = list(_listeners)
+    event = _event(signum, pid, uid, action)
+    for watch in listeners:
+        watch.report(event)
+    if action == "handler":
+        # runs the handler in force now (the job's, or SIGINT's KeyboardInterrupt) in the
+        # main thread, as a real delivery would
+        _thread.interrupt_main(signal.Signals(signum))
+        main = threading.main_thread().ident
+        if main is not None and signal.getsignal(_NUDGE) is _nudged:
+            with contextlib.suppress(OSError, ProcessLookupError):
+                signal.pthread_kill(main, _NUDGE)
+    elif action == "default":
+        # unblocked in this thread only and sent to it: the default action ends the
+        # process (signal.signal, which would reset the disposition, is main-thread only)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+        signal.pthread_kill(threading.get_ident(), signum)
+        # still here: the job installed a handler in the meantime, which has now run
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+
+
+def _event(signum: int, pid: int | None, uid: int | None, action: Action) -> dict[str, Any]:
+    return {
+        "signal": signal.Signals(signum).name,
+        "sender_pid": pid,
+        "sender_uid": uid,
+        "sender": _describe(pid) if pid else "unknown (signals were not protected early)",
+        "action": action,
+    }
 
 
 def _describe(pid: int) -> str:
@@ -59,52 +143,89 @@ def _describe(pid: int) -> str:
         return "(exited)"
 
 
+def _all_threads_block(signum: int) -> bool:
+    bit = 1 << (signum - 1)
+    # the receiving thread shows it unblocked while it waits in sigwaitinfo
+    receiving = str(_receiver.native_id) if _receiver is not None else None
+    try:
+        for task in os.listdir("/proc/self/task"):
+            if task == receiving:
+                continue
+            with open(f"/proc/self/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("SigBlk:") and not int(line.split()[1], 16) & bit:
+                        return False
+    except OSError:
+        return False
+    return True
+
+
 SignalCallback = Callable[[dict[str, Any]], None]
+
+#: how long reporting a signal may hold it up (writing the ledger, closing the run)
+REPORT_TIMEOUT = 10.0
 
 
 class SignalWatch:
-    """Reports each terminating signal, with its sender where the OS tells, then lets it act."""
+    """Reports each terminating signal to ``callback``, with its sender where the OS tells.
+
+    The event says what the signal does next (``action``): with "default" the process
+    ends as soon as the callback returns, so the callback writes what must survive it.
+    Without :func:`protect_signals` the watch installs handlers in the main thread that
+    report, then pass the signal on to the handler they replaced, or its default action.
+    """
 
     def __init__(self, callback: SignalCallback) -> None:
         self.callback = callback
+        # a thread started before protect_signals (OpenMP's, at ``import torch``) may
+        # take a signal too; then handlers in the main thread see every signal, and
+        # the receiving thread hands them the sender of those it got
         self.with_sender = _protected and all(_all_threads_block(s) for s in TERMINATING)
         self._previous: dict[int, Any] = {}
         if self.with_sender:
-            threading.Thread(target=self._wait, name="trainguard-signals", daemon=True).start()
+            with _listeners_lock:
+                _listeners.append(self)
         elif threading.current_thread() is threading.main_thread():
             for signum in TERMINATING:
                 self._previous[signum] = signal.signal(signum, self._handle)
 
-    def _report(self, signum: int, pid: int | None, uid: int | None) -> None:
-        event = {
-            "signal": signal.Signals(signum).name,
-            "sender_pid": pid,
-            "sender_uid": uid,
-            "sender": _describe(pid) if pid else "unknown (signals were not protected early)",
-        }
+    def report(self, event: dict[str, Any]) -> None:
         try:
             self.callback(event)
         except Exception as exc:  # never let reporting stop the signal
             sys.stderr.write(f"trainguard: could not record {event['signal']}: {exc}\n")
 
-    def _wait(self) -> None:
-        while True:
-            info = signal.sigwaitinfo(set(TERMINATING))
-            self._report(info.si_signo, info.si_pid, info.si_uid)
-            signal.signal(info.si_signo, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {info.si_signo})
-            os.kill(os.getpid(), info.si_signo)
-
     def _handle(self, signum: int, frame: Any) -> None:
-        self._report(signum, None, None)
         previous = self._previous.get(signum)
+        action = _action(previous)
+        pid, uid = _senders.pop(signum, (None, None))
+        # report from another thread: this handler may have interrupted the main thread
+        # inside the ledger, whose lock it holds; a wait with a limit cannot deadlock
+        reporter = threading.Thread(
+            target=self.report, args=(_event(signum, pid, uid, action),), daemon=True
+        )
+        reporter.start()
+        reporter.join(REPORT_TIMEOUT)
         if callable(previous):
             previous(signum, frame)
-        elif previous == signal.SIG_IGN:
-            return
-        else:
+        elif action == "default":
             signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            # blocked here when protect_signals ran while other threads already existed
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+            signal.raise_signal(signum)
+
+    def close(self) -> None:
+        """Stop reporting; put back the handlers this watch replaced, where still its own."""
+        with _listeners_lock:
+            if self in _listeners:
+                _listeners.remove(self)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle and previous is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    signal.signal(signum, previous)
+        self._previous.clear()
 
 
 def thread_stacks() -> dict[str, str]:
@@ -162,100 +283,3 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-class CommTimer:
-    """Time each rank spends waiting in collectives, and the gradients they produce.
-
-    All ranks leave a collective together, so wall step times are equal; the waiting is
-    what differs: a slow rank waits little, its peers wait for it. The guard observes
-    ``torch.distributed.all_reduce`` (through which the loss is usually averaged and, with
-    the stock comm hook it registers when the model has none, DDP's gradient buckets
-    go): the time each call takes, and on check steps the sum of the reduced values'
-    bit patterns, which must equal the same sum over the gradients the optimizer then
-    uses — gradients changed after the all-reduce are local to a rank.
-    """
-
-    def __init__(self, model: Any, sample_now: Callable[[], bool] = lambda: False) -> None:
-        import torch.distributed as dist
-
-        self._wait = 0.0
-        self._lock = threading.Lock()
-        self.sample_now = sample_now
-        self.in_backward = True  # between a step's start and its optimizer.step
-        self._reduced: Any = None
-        self.active = dist.is_available() and dist.is_initialized()
-        if not self.active:
-            return
-        register = getattr(model, "register_comm_hook", None)
-        if register is not None:
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-            # the stock hook: DDP's buckets then go through dist.all_reduce, which we
-            # observe; a model with a hook of its own raises here and keeps it
-            with contextlib.suppress(RuntimeError, ValueError, TypeError):
-                register(state=None, hook=allreduce_hook)
-        self._original = dist.all_reduce
-        dist.all_reduce = self._all_reduce
-
-    def _all_reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        sample = self.in_backward and self.sample_now()
-        work = self._original(tensor, *args, **kwargs)
-        if work is None:
-            self._done(started, tensor if sample else None)
-            return work
-        work.get_future().then(lambda fut: self._done(started, tensor if sample else None))
-        return work
-
-    def _done(self, started: float, reduced: Any) -> None:
-        waited = time.perf_counter() - started
-        sums = _moments(reduced) if reduced is not None else None
-        with self._lock:
-            self._wait += waited
-            if sums is not None:
-                self._reduced = sums if self._reduced is None else self._reduced + sums
-
-    def grads_changed(self, params: list[Any]) -> str | None:
-        """On a sampled step: are the gradients about to be used what the all-reduces
-        produced, up to one positive factor (clipping, loss-scale unscaling)? Compares
-        (sum, sum of absolute values, sum of squares) in float64; one sync."""
-        with self._lock:
-            reduced, self._reduced = self._reduced, None
-        if reduced is None:
-            return None
-        import torch
-
-        used = torch.zeros(3, dtype=torch.float64, device=reduced.device)
-        for p in params:
-            if p.grad is not None:
-                used += _moments(p.grad).to(used.device)
-        (r_sum, r_abs, r_sq), (u_sum, u_abs, u_sq) = reduced.tolist(), used.tolist()
-        if r_abs == 0.0:
-            return None if u_abs == 0.0 else "gradients appeared after an all-reduce of zeros"
-        c = u_abs / r_abs
-        tol = 1e-4
-        if abs(u_sq - c * c * r_sq) > tol * max(c * c * r_sq, 1e-300):
-            return "gradients are not the all-reduced ones (their spread changed)"
-        if abs(u_sum - c * r_sum) > tol * c * r_abs:
-            return "gradients are not the all-reduced ones (their signs changed)"
-        return None
-
-    def take_wait(self) -> float:
-        with self._lock:
-            waited, self._wait = self._wait, 0.0
-        return waited
-
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        if self.active and dist.all_reduce is self._all_reduce:
-            dist.all_reduce = self._original
-
-
-def _moments(tensor: Any) -> Any:
-    """(sum, sum of absolute values, sum of squares) of a tensor, in float64, on its device."""
-    import torch
-
-    flat = tensor.detach().reshape(-1).to(torch.float64)
-    return torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum()])

@@ -1,12 +1,18 @@
-"""The optional alert hook: a command (alert JSON on its stdin) or a webhook URL (POST).
+"""The optional alert hook: a command (the alert on its stdin) or a webhook URL (POST).
 
-Hooks run in the background with a time limit, so a slow receiver never slows training.
+The payload is one JSON document ending in a newline: the alert's fields (``step``,
+``rank``, ``detector``, ``severity``, ``message``, ``details``) plus ``run_id``, ``host``,
+``pid`` and ``time`` (UTC, ISO 8601). Hooks run in the background with a time limit, so a
+slow receiver never slows training; a failed hook is reported on stderr.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -18,13 +24,26 @@ TIMEOUT = 10.0
 
 
 class Notifier:
-    def __init__(self, hook: str | None) -> None:
+    """Delivers each alert to the hook, if there is one."""
+
+    def __init__(self, hook: str | None, run_id: str | None = None) -> None:
         self.hook = hook
+        self.run_id = run_id
+
+    def payload(self, alert: Alert) -> bytes:
+        document = {
+            **alert.to_dict(),
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        return json.dumps(document, default=str).encode() + b"\n"
 
     def send(self, alert: Alert) -> None:
         if not self.hook:
             return
-        body = json.dumps(alert.to_dict(), default=str).encode()
+        body = self.payload(alert)
         threading.Thread(target=self._deliver, args=(body,), daemon=True).start()
 
     def _deliver(self, body: bytes) -> None:

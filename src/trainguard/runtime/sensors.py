@@ -16,11 +16,13 @@ also travels in the cross-rank fingerprint, and every event goes to the ledger.
 
 from __future__ import annotations
 
+import os
 import sys
 import sysconfig
 import threading
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from trainguard.artifacts.allowlist import rule_for
+from trainguard.runtime.provenance import Attribution, Origin, Provenance
 
 _WATCHED_MODULES = (
     "torch",
@@ -148,8 +151,9 @@ class PatchWatch:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def changes(self) -> Iterator[str]:
-        """Each watched name whose object or code changed since the snapshot (once each)."""
+    def changes(self) -> Iterator[tuple[str, Any]]:
+        """Each watched name whose object or code changed since the snapshot (once each),
+        with the object now in its place (to attribute the change to its code)."""
         if self._fast is None:
             self._fast = [
                 (seen.space, seen.owner, seen.name, seen.obj, _func_of(seen.obj), seen.code)
@@ -163,7 +167,10 @@ class PatchWatch:
                 key = (id(cls), name)
                 if key not in self._reported and callable(getattr(cls, name, None)):
                     self._reported.add(key)
-                    yield f"{cls.__name__}.{name} was added, overriding what it inherited"
+                    yield (
+                        f"{cls.__name__}.{name} was added, overriding what it inherited",
+                        space[name],
+                    )
         for space, owner, name, obj, func, code in self._fast:
             current = space.get(name) if space is not None else getattr(owner, name, None)
             if current is obj and (code is None or func.__code__ is code):
@@ -173,61 +180,72 @@ class PatchWatch:
                 continue
             self._reported.add(key)
             where = f"{getattr(owner, '__name__', owner)}.{name}"
-            yield (
-                f"{where} was replaced" if current is not obj else f"{where} had its code replaced"
-            )
+            if current is not obj:
+                yield f"{where} was replaced", current
+            else:
+                yield f"{where} had its code replaced", func
 
 
 def _func_of(obj: Any) -> Any:
     return getattr(obj, "__func__", obj)
 
 
-def _hook_ids(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, set[int]]:
+def _hooks(model: torch.nn.Module, optimizer: Any) -> dict[str, dict[int, Any]]:
+    """Every hook that can change a step, by kind: id -> the hook."""
     from torch.nn.modules import module as module_mod
     from torch.optim import optimizer as optim_mod
 
-    ids: dict[str, set[int]] = {
-        "global optimizer pre-step hook": set(optim_mod._global_optimizer_pre_hooks),
-        "global optimizer post-step hook": set(optim_mod._global_optimizer_post_hooks),
-        "optimizer pre-step hook": set(optimizer._optimizer_step_pre_hooks),
-        "optimizer post-step hook": set(optimizer._optimizer_step_post_hooks),
-        "global forward hook": set(module_mod._global_forward_hooks),
-        "global forward pre-hook": set(module_mod._global_forward_pre_hooks),
-        "global backward hook": set(module_mod._global_backward_hooks),
+    def table(*dicts: Any) -> dict[int, Any]:
+        return {id(v): v for d in dicts if d for v in d.values()}
+
+    found: dict[str, dict[int, Any]] = {
+        "global optimizer pre-step hook": table(optim_mod._global_optimizer_pre_hooks),
+        "global optimizer post-step hook": table(optim_mod._global_optimizer_post_hooks),
+        "optimizer pre-step hook": table(getattr(optimizer, "_optimizer_step_pre_hooks", None)),
+        "optimizer post-step hook": table(getattr(optimizer, "_optimizer_step_post_hooks", None)),
+        "global forward hook": table(module_mod._global_forward_hooks),
+        "global forward pre-hook": table(module_mod._global_forward_pre_hooks),
+        "global backward hook": table(
+            module_mod._global_backward_hooks, module_mod._global_backward_pre_hooks
+        ),
     }
-    module_hooks: set[int] = set()
+    module_hooks: dict[int, Any] = {}
     for sub in model.modules():
-        for table in (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks):
-            module_hooks.update(id(v) for v in table.values())
-    ids["module hook"] = module_hooks
-    grad_hooks: set[int] = set()
+        module_hooks.update(
+            table(
+                sub._forward_hooks,
+                sub._forward_pre_hooks,
+                sub._backward_hooks,
+                getattr(sub, "_backward_pre_hooks", None),
+            )
+        )
+    found["module hook"] = module_hooks
+    grad_hooks: dict[int, Any] = {}
     for param in model.parameters():
-        tables: list[Any] = [
-            param._backward_hooks,
-            getattr(param, "_post_accumulate_grad_hooks", None),
-        ]
-        for table in tables:
-            if table:
-                grad_hooks.update(id(v) for v in table.values())
-    ids["gradient hook"] = grad_hooks
-    return ids
+        grad_hooks.update(
+            table(param._backward_hooks, getattr(param, "_post_accumulate_grad_hooks", None))
+        )
+    found["gradient hook"] = grad_hooks
+    return found
 
 
 class HookWatch:
-    """Hooks present at start (the guard's own included); new ones are reported."""
+    """Hooks present at start (the guard's own included); new ones are reported, each with
+    the hook itself so that it can be attributed to its code."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: torch.nn.Module, optimizer: Any) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.known = _hook_ids(model, optimizer)
+        self.known = {kind: set(hooks) for kind, hooks in _hooks(model, optimizer).items()}
 
-    def changes(self) -> Iterator[str]:
-        """New hooks since start (each reported once)."""
-        for kind, now in _hook_ids(self.model, self.optimizer).items():
-            added = now - self.known.get(kind, set())
-            if added:
-                self.known.setdefault(kind, set()).update(added)
-                yield f"{len(added)} new {kind}(s) registered after start"
+    def changes(self) -> Iterator[tuple[str, Any]]:
+        """(kind, hook) for each hook added since start (each reported once)."""
+        for kind, now in _hooks(self.model, self.optimizer).items():
+            known = self.known.setdefault(kind, set())
+            for ident, hook in now.items():
+                if ident not in known:
+                    known.add(ident)
+                    yield kind, hook
 
 
 _SEEDERS = (
@@ -246,11 +264,18 @@ _SEEDERS = (
 
 
 class SeedWatch:
-    """Wraps the seeding functions so that re-seeding after start is recorded."""
+    """Wraps the seeding functions so that re-seeding after start is recorded, with the
+    code that asked for it (``attribute`` maps the caller's frame to an attribution)."""
 
-    def __init__(self, record: Callable[[Event], None], seed: int | None) -> None:
+    def __init__(
+        self,
+        record: Callable[[Event], None],
+        seed: int | None,
+        attribute: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.record = record
         self.seed = seed
+        self.attribute = attribute
         self.active = True
         self._local = threading.local()
         self._originals: list[tuple[Any, str, Any]] = []
@@ -272,7 +297,10 @@ class SeedWatch:
             outermost = not getattr(watch._local, "inside", False)
             if watch.active and outermost:
                 shown = [repr(a)[:40] for a in args]
-                watch.record({"event": "reseed", "call": label, "args": shown})
+                event: Event = {"event": "reseed", "call": label, "args": shown}
+                if watch.attribute is not None:
+                    event["by"] = watch.attribute(sys._getframe(1))
+                watch.record(event)
             watch._local.inside = True
             try:
                 return original(*args, **kwargs)
@@ -304,60 +332,153 @@ _SITE_DIRS = tuple(
     p for p in {sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib")} if p
 )
 _WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000  # O_WRONLY O_RDWR O_CREAT O_TRUNC O_APPEND
+_SPAWNS = ("subprocess.Popen", "os.system", "os.exec", "os.spawn", "os.posix_spawn")
+#: files of the process-to-process channel DataLoader workers and torch.multiprocessing
+#: hand batches over with: what they unpickle is the job's own data, not a file's
+_IPC_FILES = (
+    f"{os.sep}multiprocessing{os.sep}connection.py",
+    f"{os.sep}multiprocessing{os.sep}queues.py",
+    f"{os.sep}multiprocessing{os.sep}reduction.py",
+    f"{os.sep}multiprocessing{os.sep}resource_sharer.py",
+    f"{os.sep}torch{os.sep}multiprocessing{os.sep}reductions.py",
+)
+#: standard-library modules whose classes are plain data (argparse.Namespace in a
+#: checkpoint, a pathlib path, a datetime): rebuilding one runs no code of note
+_DATA_MODULES = frozenset(
+    "argparse pathlib datetime enum collections decimal fractions uuid types".split()
+)
+
+_NEVER_DATA = frozenset("torch builtins os posix subprocess sys".split())
 
 
 class AuditSensor:
     """A ``sys.addaudithook`` hook; once added it stays for the life of the process,
-    so ``close`` only switches it off."""
+    so ``close`` only switches it off.
 
-    def __init__(self, record: Callable[[Event], None], protected: tuple[str, ...] = ()) -> None:
+    Each event is attributed (``provenance``) to the code that caused it: the job's own
+    code and installed packages are recorded; code of unknown origin is an alert, and is
+    blocked under policy "halt". Kills of the process's own children (DataLoader workers
+    being shut down) and the job's own inter-process unpickling are not events at all.
+    """
+
+    def __init__(
+        self,
+        record: Callable[[Event], None],
+        provenance: Provenance,
+        protected: tuple[str, ...] = (),
+    ) -> None:
         self.record = record
+        self.provenance = provenance
         self.block = False
         self.active = True
         self.protected = tuple(p for p in (*_SITE_DIRS, *protected) if p)
         self._local = threading.local()
+        self._pid = os.getpid()
         sys.addaudithook(self._hook)
 
     def _hook(self, event: str, args: tuple[Any, ...]) -> None:
         if not self.active or getattr(self._local, "busy", False) or getattr(QUIET, "on", False):
             return
-        finding = self._classify(event, args)
-        if finding is None:
-            return
-        block = self.block and event not in ("compile", "exec")
         self._local.busy = True
         try:
-            self.record({"event": event, "detail": finding, "blocked": block})
+            found = self._classify(event, args)
+            if found is None:
+                return
+            detail, by = found
+            block = self.block and not by.trusted and event not in ("compile", "exec")
+            self.record({"event": event, "detail": detail, "by": by, "blocked": block})
         finally:
             self._local.busy = False
         if block:
-            raise PermissionError(f"blocked by trainguard: {event}: {finding}")
+            raise PermissionError(f"blocked by trainguard: {event}: {detail}")
 
-    def _classify(self, event: str, args: tuple[Any, ...]) -> str | None:
-        if event in ("subprocess.Popen", "os.system", "os.exec", "os.spawn", "os.posix_spawn"):
-            return f"{event} {str(args[0])[:120] if args else ''}"
+    def _caller(self) -> Attribution:
+        # frames: this method, _classify, _hook; then the code that raised the event
+        return self.provenance.of_stack(sys._getframe(3))
+
+    def _classify(self, event: str, args: tuple[Any, ...]) -> tuple[str, Attribution] | None:
+        if event in _SPAWNS:
+            return f"{event} {str(args[0])[:120] if args else ''}", self._caller()
         if event in ("os.kill", "os.killpg") and len(args) > 1:
-            # signal 0 only asks whether a process exists
-            return f"signal {args[1]} to pid {args[0]}" if args[1] else None
+            # signal 0 only asks whether a process exists; the job's own children (its
+            # DataLoader workers, its compilers) are its own to stop
+            if not args[1] or _own_child(args[0], self._pid):
+                return None
+            return f"signal {args[1]} to pid {args[0]}", self._caller()
         if event == "compile" and len(args) > 1 and str(args[1]).startswith("<"):
             source = args[0]
             text = source.decode(errors="replace") if isinstance(source, bytes) else str(source)
-            return f"code compiled from a string ({args[1]}): {text[:80]!r}"
+            return f"code compiled from a string ({args[1]}): {text[:80]!r}", self._caller()
         if event == "exec" and args:
-            code = args[0]
-            name = getattr(code, "co_filename", "")
-            return f"exec of code from {name}" if name.startswith("<") else None
+            name = getattr(args[0], "co_filename", "")
+            return (f"exec of code from {name}", self._caller()) if name.startswith("<") else None
         if event == "pickle.find_class" and len(args) > 1:
-            qualified = f"{args[0]}.{args[1]}"
-            return None if rule_for(qualified) else f"unpickling imports {qualified}"
+            return self._unpickled(str(args[0]), str(args[1]))
         if event == "open" and len(args) > 2:
             path, mode, flags = args[0], args[1], args[2]
             writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
                 isinstance(flags, int) and flags & _WRITE_FLAGS
             )
             if writes and isinstance(path, str) and path.startswith(self.protected):
-                return f"write to {path}"
+                return f"write to {path}", self._caller()
         return None
+
+    def _unpickled(self, module: str, name: str) -> tuple[str, Attribution] | None:
+        qualified = f"{module}.{name}"
+        if rule_for(qualified):
+            return None
+        frame: types.FrameType | None = sys._getframe(3)
+        # the innermost Python frames around the C unpickler: the IPC channel's own files
+        # (verified, not merely named so) mean batches handed over by the job's workers
+        for _ in range(4):
+            if frame is None:
+                break
+            code = frame.f_code
+            if code.co_filename.endswith(_IPC_FILES) and (
+                self.provenance.code_origin(code) is Origin.MACHINERY
+            ):
+                return None
+            frame = frame.f_back
+        found = sys.modules.get(module)
+        if isinstance(getattr(found, name, None), type):
+            top = module.split(".")[0]
+            origin = self.provenance.file_origin(getattr(found, "__file__", None) or "")
+            if top in _DATA_MODULES or (
+                origin in (Origin.PACKAGE, Origin.JOB) and top not in _NEVER_DATA
+            ):
+                # a class of the job's or a package's (a Trainer's arguments, a Namespace)
+                return None
+        return (
+            f"unpickling imports {qualified}",
+            Attribution(Origin.UNKNOWN, "the unpickled data (not on the checkpoint allowlist)"),
+        )
 
     def close(self) -> None:
         self.active = False
+
+
+def _own_child(pid: Any, me: int) -> bool:
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == me
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+#: sensors live in the training process only: a forked child (a DataLoader worker) runs
+#: the job's own code and must neither report nor block in the parent's name
+_ARMED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def arm(sensor: Any) -> None:
+    """Register something with an ``active`` flag to be switched off in forked children."""
+    _ARMED.add(sensor)
+
+
+def _disarm_in_child() -> None:
+    # (the terminating signals are unblocked in the child by liveness's own fork handler)
+    for sensor in list(_ARMED):
+        sensor.active = False
+
+
+os.register_at_fork(after_in_child=_disarm_in_child)

@@ -1,0 +1,139 @@
+"""Collectives as the guard sees them: time spent waiting, and the gradients they produced.
+
+All ranks leave a collective together, so wall step times are equal; the waiting is what
+differs: a slow rank waits little, its peers wait for it. The guard observes
+``torch.distributed.all_reduce`` (through which DDP's gradient buckets go with PyTorch's
+stock comm hook, which it registers when the model has none, and through which jobs
+average gradients by hand): the time each call takes and, on sampled steps, what each
+*gradient* all-reduce produced. Just before ``optimizer.step`` the gradients must be those
+results, up to one positive factor (clipping by norm, unscaling a loss scale).
+
+What counts, and what does not:
+
+* a gradient all-reduce is one called from DDP's stock hooks, or one whose tensor is a
+  parameter's ``.grad``; a loss or metric all-reduced for logging is neither;
+* only the last result per buffer counts: with gradient accumulation (with or without
+  ``no_sync``) each micro-batch reduces the same buckets again, and the last result is
+  what the gradients hold;
+* when the recorded results do not cover every gradient (a job that reduces a flattened
+  copy), the step is not compared: unchecked, never guessed at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+#: DDP's stock comm hooks (allreduce, fp16/bf16 compression) live here
+_HOOK_FILE = os.path.join("distributed", "algorithms", "ddp_comm_hooks", "default_hooks.py")
+
+
+class CommTimer:
+    """Wraps ``dist.all_reduce``; see the module docstring."""
+
+    def __init__(self, model: Any, sample_now: Callable[[], bool] = lambda: False) -> None:
+        import torch.distributed as dist
+
+        self._wait = 0.0
+        self._lock = threading.Lock()
+        self.sample_now = sample_now
+        self.in_backward = True  # between a step's start and its optimizer.step
+        self.params: Sequence[Any] = ()
+        self._reduced: dict[tuple[int, int], tuple[int, Any]] = {}
+        self.active = dist.is_available() and dist.is_initialized()
+        if not self.active:
+            return
+        register = getattr(model, "register_comm_hook", None)
+        if register is not None:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            # the stock hook: DDP's buckets then go through dist.all_reduce, which we
+            # observe; a model with a hook of its own raises here and keeps it
+            with contextlib.suppress(RuntimeError, ValueError, TypeError):
+                register(state=None, hook=allreduce_hook)
+        self._original = dist.all_reduce
+        dist.all_reduce = self._all_reduce
+
+    def _is_gradient(self, tensor: Any) -> bool:
+        import sys
+
+        caller = sys._getframe(2).f_code.co_filename
+        if caller.endswith(_HOOK_FILE):
+            return True
+        pointer = tensor.data_ptr()
+        return any(p.grad is not None and p.grad.data_ptr() == pointer for p in self.params)
+
+    def _all_reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        sample = self.in_backward and self.sample_now() and self._is_gradient(tensor)
+        work = self._original(tensor, *args, **kwargs)
+        if work is None:
+            self._done(started, tensor if sample else None)
+            return work
+        work.get_future().then(lambda fut: self._done(started, tensor if sample else None))
+        return work
+
+    def _done(self, started: float, reduced: Any) -> None:
+        waited = time.perf_counter() - started
+        sums = moments(reduced) if reduced is not None else None
+        with self._lock:
+            self._wait += waited
+            if sums is not None:
+                # the latest result per buffer: accumulation reduces the same buckets again
+                self._reduced[(reduced.data_ptr(), reduced.numel())] = (reduced.numel(), sums)
+
+    def grads_changed(self, params: Sequence[Any]) -> str | None:
+        """On a sampled step: are the gradients about to be used what the all-reduces
+        produced, up to one positive factor? Compares (sum, sum of absolute values, sum of
+        squares) in float64; one sync. None when they are, or when it cannot tell."""
+        with self._lock:
+            reduced, self._reduced = self._reduced, {}
+        if not reduced:
+            return None
+        import torch
+
+        grads = [p.grad for p in params if p.grad is not None]
+        if sum(n for n, _ in reduced.values()) != sum(g.numel() for g in grads):
+            return None  # some gradients were reduced out of sight: unchecked
+        total = torch.stack([s for _, s in reduced.values()]).sum(0)
+        used = torch.zeros(3, dtype=torch.float64, device=total.device)
+        for grad in grads:
+            used += moments(grad).to(used.device)
+        (r_sum, r_abs, r_sq), (u_sum, u_abs, u_sq) = total.tolist(), used.tolist()
+        if r_abs == 0.0:
+            return None if u_abs == 0.0 else "gradients appeared after an all-reduce of zeros"
+        c = u_abs / r_abs
+        tol = 1e-4
+        if abs(u_sq - c * c * r_sq) > tol * max(c * c * r_sq, 1e-300):
+            return "gradients are not the all-reduced ones (their spread changed)"
+        if abs(u_sum - c * r_sum) > tol * c * r_abs:
+            return "gradients are not the all-reduced ones (their signs changed)"
+        return None
+
+    def discard(self) -> None:
+        """Forget results of a step that did not reach optimizer.step (a skipped step)."""
+        with self._lock:
+            self._reduced = {}
+
+    def take_wait(self) -> float:
+        with self._lock:
+            waited, self._wait = self._wait, 0.0
+        return waited
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.active and dist.all_reduce is self._all_reduce:
+            dist.all_reduce = self._original
+
+
+def moments(tensor: Any) -> Any:
+    """(sum, sum of absolute values, sum of squares) of a tensor, in float64, on its device."""
+    import torch
+
+    flat = tensor.detach().reshape(-1).to(torch.float64)
+    return torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum()])
