@@ -32,3 +32,13 @@ def foreign(tmp_path: Path):
         return module
 
     return load
+
+
+@pytest.fixture(scope="module")
+def owner_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The job owner's signing key (``trainguard keygen``), in a temporary folder."""
+    from trainguard.cli import main
+
+    folder = tmp_path_factory.mktemp("owner") / "keys"
+    assert main(["keygen", "-o", str(folder)]) == 0
+    return folder / "trainguard.key"

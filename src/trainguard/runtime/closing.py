@@ -40,7 +40,13 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
     with contextlib.suppress(Exception):
         report_gone_peers(guard)  # a peer killed mid-run shows up as a failed collective
     # a Guard stopped during its start (Ctrl-C) has only some of its parts
-    parts = (("watchdog", "stop"), ("audit", "close"), ("comm", "close"), ("seeds", "restore"))
+    parts = (
+        ("watchdog", "stop"),
+        ("audit", "close"),
+        ("comm", "close"),
+        ("seeds", "restore"),
+        ("provenance", "close"),
+    )
     for name, stop in parts:
         part = getattr(guard, name, None)
         if part is not None:

@@ -109,7 +109,7 @@ def _settings(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[s
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Each param group's settings except its parameters and learning rate."""
     return [
-        {k: _jsonable(group[k]) for k in _settings(optimizer, group)}
+        {k: _jsonable(_plain(group[k])) for k in _settings(optimizer, group)}
         for group in optimizer.param_groups
     ]
 
@@ -126,10 +126,18 @@ def hyperparameter_values(
 
 
 def _plain(value: Any) -> Any:
+    """The value the optimizer's arithmetic sees. A float or int subclass can make itself
+    compare equal and print as anything; its builtin value is what the update uses."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return float(value)
-    if isinstance(value, list):
-        return tuple(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, bool):
+        return bool(int.__int__(value))
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
     return value
 
 
@@ -154,7 +162,8 @@ def hyperparameters_hash(optimizer: torch.optim.Optimizer) -> int:
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
-    return [float(group["lr"]) for group in optimizer.param_groups]
+    """Each group's rate as the update sees it (through a float subclass's disguise)."""
+    return [float(_plain(group["lr"])) for group in optimizer.param_groups]
 
 
 def float_bits(value: float) -> int:

@@ -27,6 +27,7 @@ import statistics
 import sys
 import threading
 import time
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,9 @@ class Guard:
             self._hyper = hyperparameters_hash(optimizer)
             self._hyper_values = hyperparameter_values(optimizer, self._managed)
             self.provenance = Provenance(code_roots)
+            self.provenance.watch_threads()
             self._recorded: dict[tuple[str, str], int] = {}
+            self._tamper_reported = False
             self._pending: list[tuple[int, Any, Any, list[float], list[float] | None]] = []
             self._checks = 0
             self._state_hash = torch.zeros((), dtype=torch.int64)
@@ -327,6 +330,32 @@ class Guard:
                 event,
             )
         )
+
+    def _sensors_intact(self) -> None:
+        """Tamper evidence: the guard's own sensors switched off or unwrapped while the
+        guard runs (a sensor can be silenced by code that knows it; not silently)."""
+        off = [
+            name for name, part in (("audit", self.audit), ("seeds", self.seeds)) if not part.active
+        ]
+        off += [
+            f"{getattr(owner, '__name__', owner)}.{name}"
+            for owner, name, _ in self.seeds.originals
+            if not getattr(getattr(owner, name, None), "__trainguard_wrapped__", False)
+        ]
+        if off and not self._tamper_reported:
+            self._tamper_reported = True
+            self.audit.active = self.seeds.active = True  # and back on
+            self._raise(
+                Alert(
+                    self.at,
+                    self.rank,
+                    "guard-tampered",
+                    Severity.HIGH,
+                    "the guard's sensors were switched off or unwrapped in this process: "
+                    + ", ".join(off),
+                    {"sensors": off},
+                )
+            )
 
     def _record(self, event: dict[str, Any]) -> None:
         """A sensor event that is not an alert goes to the ledger once per kind and place
@@ -505,7 +534,14 @@ class Guard:
             self._attributed("monkeypatch", change, by)
         for kind, hook in self.hooks.changes():
             by = self.provenance.of_callable(hook)
+            if by.origin is Origin.MACHINERY and not _stateful(hook):
+                # a bare torch or standard-library function as a hook (torch.nn.init.zeros_
+                # on a gradient, a functools wrapper around something else) says nothing
+                # about who registered it; torch's own hook objects (weight and spectral
+                # norm) are torch's doing
+                by = Attribution(Origin.UNKNOWN, by.where)
             self._attributed("hooks", f"a new {kind} registered after start", by)
+        self._sensors_intact()
         if self._writes.written() and not self._flags & agreement.PARAMS_WRITTEN:
             self._params_written("their values or storage")
         reseeded = self.seeds.initial_seed_changed()
@@ -662,6 +698,17 @@ class Guard:
 
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
         self.close(error)
+
+
+def _stateful(hook: Any) -> bool:
+    """A hook object or a bound method (state of its own), not a bare function or partial."""
+    import functools
+
+    if isinstance(hook, functools.partial):
+        return False
+    if isinstance(hook, types.MethodType):
+        return True
+    return not isinstance(hook, (types.FunctionType, types.BuiltinFunctionType))
 
 
 def _detached(value: Any) -> Any:

@@ -47,18 +47,21 @@ class Notifier:
         threading.Thread(target=self._deliver, args=(body,), daemon=True).start()
 
     def _deliver(self, body: bytes) -> None:
-        from trainguard.runtime.sensors import QUIET
+        from trainguard.runtime.sensors import quiet
 
-        QUIET.on = True  # this thread is the guard's own: not a sensor event
         hook = self.hook or ""
         try:
-            if hook.startswith(("http://", "https://")):
-                request = urllib.request.Request(
-                    hook, data=body, headers={"Content-Type": "application/json"}, method="POST"
-                )
-                with urllib.request.urlopen(request, timeout=TIMEOUT):
-                    pass
-            else:
-                subprocess.run(shlex.split(hook), input=body, timeout=TIMEOUT, check=False)
+            with quiet():  # this thread is the guard's own: not a sensor event
+                if hook.startswith(("http://", "https://")):
+                    request = urllib.request.Request(
+                        hook,
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                        method="POST",
+                    )
+                    with urllib.request.urlopen(request, timeout=TIMEOUT):
+                        pass
+                else:
+                    subprocess.run(shlex.split(hook), input=body, timeout=TIMEOUT, check=False)
         except Exception as exc:  # a broken hook must not disturb training
             sys.stderr.write(f"trainguard: alert hook failed: {exc}\n")

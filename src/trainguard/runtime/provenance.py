@@ -28,6 +28,7 @@ import enum
 import os
 import sys
 import sysconfig
+import threading
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -103,8 +104,14 @@ class Provenance:
         self._job = sorted(
             r for r in {_real(r) for r in roots} - set(self._sites) if not _under(r, prefixes)
         )
-        self._codes: dict[types.CodeType, Origin] = {}
-        self._files: dict[str, dict[tuple[str, int], bytes] | None] = {}
+        # by identity (code objects compare equal whatever file they name); the code is kept
+        # so that its id is not reused
+        self._codes: dict[int, tuple[types.CodeType, Origin]] = {}
+        self._thread_start: Any = None
+        self._files: dict[str, dict[tuple[str, int], types.CodeType] | None] = {}
+        for root in self._job:
+            if os.path.isfile(root):
+                self._compiled(root)  # the entry script as it was at start, before any edit
 
     # --- files and code objects ----------------------------------------------------------
 
@@ -141,11 +148,11 @@ class Provenance:
             self._recorded = frozenset(files)
         return self._recorded
 
-    def _compiled(self, filename: str) -> dict[tuple[str, int], bytes] | None:
+    def _compiled(self, filename: str) -> dict[tuple[str, int], types.CodeType] | None:
         """Every code object the file compiles to, by (name, first line): its bytecode."""
         if filename in self._files:
             return self._files[filename]
-        table: dict[tuple[str, int], bytes] | None = None
+        table: dict[tuple[str, int], types.CodeType] | None = None
         try:
             if filename.startswith("<frozen "):
                 import _imp
@@ -158,7 +165,7 @@ class Provenance:
                 top = compile(source, filename, "exec", dont_inherit=True)
             table = {}
             for code in _walk(top):
-                table[(code.co_name, code.co_firstlineno)] = code.co_code
+                table[(code.co_name, code.co_firstlineno)] = code
         except (OSError, SyntaxError, ValueError, ImportError, TypeError, AttributeError):
             table = None
         self._files[filename] = table
@@ -166,31 +173,49 @@ class Provenance:
 
     def code_origin(self, code: types.CodeType) -> Origin:
         """The origin of one code object; a trusted file name with other bytecode is UNKNOWN."""
-        cached = self._codes.get(code)
-        if cached is not None:
-            return cached
+        cached = self._codes.get(id(code))
+        if cached is not None and cached[0] is code:
+            return cached[1]
         origin = self.file_origin(code.co_filename)
         if origin is not Origin.UNKNOWN:
             table = self._compiled(code.co_filename)
-            # a file that cannot be read back is not evidence of forgery (deleted .py with
+            # the whole code object must be what the file compiles to: its bytecode, and
+            # its names, constants and arguments (``code.replace`` keeps the bytecode). A
+            # file that cannot be read back is not evidence of forgery (a deleted .py with
             # its .pyc, a zip import): the path decides
-            if table is not None and table.get((code.co_name, code.co_firstlineno)) != (
-                code.co_code
-            ):
+            if table is not None and table.get((code.co_name, code.co_firstlineno)) != code:
                 origin = Origin.UNKNOWN
-        self._codes[code] = origin
+        self._codes[id(code)] = (code, origin)
         return origin
 
     # --- callables and stacks -------------------------------------------------------------
 
-    def of_callable(self, obj: Any) -> Attribution:
+    def of_callable(self, obj: Any, _seen: frozenset[int] = frozenset()) -> Attribution:
         """Where a callable's code lives (a hook, a replacement function)."""
         code = code_of(obj)
         if code is None:
             # C functions and partials of them: what runs is known, who arranged it is not
             return Attribution(Origin.UNKNOWN, f"{_name(obj)} (no Python code to attribute)")
         origin = self.code_origin(code)
-        return Attribution(origin, f"{code.co_filename}:{code.co_firstlineno} in {code.co_name}")
+        where = f"{code.co_filename}:{code.co_firstlineno} in {code.co_name}"
+        func = getattr(obj, "__func__", obj)
+        if origin is not Origin.UNKNOWN and isinstance(func, types.FunctionType):
+            # trusted code can be given foreign parts: a module namespace other than its
+            # file's, or a closure holding someone else's function
+            module_file = func.__globals__.get("__file__")
+            stem = os.path.splitext(_real(code.co_filename))[0]
+            if module_file and os.path.splitext(_real(module_file))[0] != stem:
+                return Attribution(Origin.UNKNOWN, f"{where} (with another module's globals)")
+            for cell in func.__closure__ or ():
+                try:
+                    held = cell.cell_contents
+                except ValueError:
+                    continue
+                if isinstance(held, types.FunctionType) and id(held) not in _seen | {id(func)}:
+                    inner = self.of_callable(held, _seen | {id(func)})
+                    if inner.origin is Origin.UNKNOWN:
+                        return Attribution(Origin.UNKNOWN, f"{where} wrapping {inner.where}")
+        return Attribution(origin, where)
 
     def of_stack(self, frame: types.FrameType | None) -> Attribution:
         """The innermost frame that is not machinery: the code that asked for what happened.
@@ -207,9 +232,37 @@ class Provenance:
             frame = frame.f_back
         if torch_seen:
             return Attribution(Origin.MACHINERY, "torch")
+        started_by = getattr(threading.current_thread(), "_trainguard_started_by", None)
+        if isinstance(started_by, Attribution):
+            # Thread(target=subprocess.run, ...): the code that started the thread
+            return started_by
         return Attribution(
             Origin.UNKNOWN, "standard-library code only (whoever arranged the call is unknown)"
         )
+
+    def watch_threads(self) -> None:
+        """From now on, remember the code that starts each thread, so that a thread running
+        only standard-library code is attributed to its starter; :meth:`close` stops."""
+        if self._thread_start is not None:
+            return
+        original = threading.Thread.start
+        provenance = self
+
+        def start(thread: threading.Thread) -> None:
+            if provenance._thread_start is not None:
+                thread._trainguard_started_by = provenance.of_stack(  # type: ignore[attr-defined]
+                    sys._getframe(1)
+                )
+            original(thread)
+
+        self._thread_start = (original, start)
+        threading.Thread.start = start  # type: ignore[method-assign,assignment]
+
+    def close(self) -> None:
+        installed, self._thread_start = self._thread_start, None
+        # put the original back unless someone wrapped ours since (then ours goes inert)
+        if installed is not None and threading.Thread.start is installed[1]:
+            threading.Thread.start = installed[0]  # type: ignore[method-assign]
 
     def frames(self, frame: types.FrameType | None) -> Iterator[tuple[types.FrameType, Origin]]:
         while frame is not None:

@@ -16,6 +16,7 @@ also travels in the cross-rank fingerprint, and every event goes to the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import sysconfig
@@ -66,9 +67,20 @@ _REEXPORTS = {
 
 Event = dict[str, Any]
 
-#: set ``QUIET.on`` in a thread of the guard's own (the alert hook) to keep its
-#: subprocesses and connections out of the audit sensor
-QUIET = threading.local()
+#: threads of the guard's own (the alert hook's): their subprocesses and connections are
+#: not sensor events. Only :func:`quiet` adds to it, from the thread itself
+_QUIET_THREADS: set[int] = set()
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The calling thread is the guard's own (the alert hook's delivery) while inside."""
+    ident = threading.get_ident()
+    _QUIET_THREADS.add(ident)
+    try:
+        yield
+    finally:
+        _QUIET_THREADS.discard(ident)  # thread ids are reused once a thread ends
 
 
 def _resolve(dotted: str) -> Any:
@@ -105,11 +117,23 @@ class PatchWatch:
     def __init__(self, extra_classes: tuple[type, ...] = ()) -> None:
         self._seen: list[_Seen] = []
         self._reported: set[tuple[int, str]] = set()
-        self._fast: list[tuple[Any, Any, str, Any, Any, Any]] | None = None
         self._class_keys: list[tuple[type, frozenset[str]]] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # walking torch's namespaces touches deprecated names
             self._snapshot(extra_classes)
+        # defaults and closures as at start (a change before the first check counts too)
+        self._fast = [
+            (
+                seen.space,
+                seen.owner,
+                seen.name,
+                seen.obj,
+                _func_of(seen.obj),
+                seen.code,
+                _parts(_func_of(seen.obj)),
+            )
+            for seen in self._seen
+        ]
 
     def _snapshot(self, extra_classes: tuple[type, ...]) -> None:
         for dotted in _WATCHED_MODULES:
@@ -143,6 +167,9 @@ class PatchWatch:
                 self._seen.append(_Seen(owner, name, obj, None))
                 continue
             if only_own and getattr(obj, "__module__", None) != label:
+                if isinstance(obj, types.FunctionType):
+                    # a helper imported from elsewhere (adam's _get_value): by identity
+                    self._seen.append(_Seen(owner, name, obj, None))
                 continue
             if isinstance(obj, (types.FunctionType, staticmethod, classmethod, property)):
                 # the raw namespace entry: getattr would make a new bound classmethod each time
@@ -154,11 +181,6 @@ class PatchWatch:
     def changes(self) -> Iterator[tuple[str, Any]]:
         """Each watched name whose object or code changed since the snapshot (once each),
         with the object now in its place (to attribute the change to its code)."""
-        if self._fast is None:
-            self._fast = [
-                (seen.space, seen.owner, seen.name, seen.obj, _func_of(seen.obj), seen.code)
-                for seen in self._seen
-            ]
         for cls, keys in self._class_keys:
             space = vars(cls)
             if len(space) == len(keys) and space.keys() == keys:
@@ -171,9 +193,13 @@ class PatchWatch:
                         f"{cls.__name__}.{name} was added, overriding what it inherited",
                         space[name],
                     )
-        for space, owner, name, obj, func, code in self._fast:
+        for space, owner, name, obj, func, code, parts in self._fast:
             current = space.get(name) if space is not None else getattr(owner, name, None)
-            if current is obj and (code is None or func.__code__ is code):
+            if (
+                current is obj
+                and (code is None or func.__code__ is code)
+                and (parts is None or _parts(func) == parts)
+            ):
                 continue
             key = (id(owner), name)
             if key in self._reported:
@@ -182,8 +208,27 @@ class PatchWatch:
             where = f"{getattr(owner, '__name__', owner)}.{name}"
             if current is not obj:
                 yield f"{where} was replaced", current
-            else:
+            elif code is not None and func.__code__ is not code:
                 yield f"{where} had its code replaced", func
+            else:
+                # the same function and code, other defaults or closure: whose is unknown
+                yield f"{where} had its defaults or closure replaced", None
+
+
+def _parts(func: Any) -> tuple[Any, ...] | None:
+    """What a function runs with besides its code: defaults and what its closure holds
+    (a decorator's cell can be pointed at another function), by identity."""
+    if not isinstance(func, types.FunctionType):
+        return None
+    held = tuple(_cell_id(cell) for cell in func.__closure__ or ())
+    return (id(func.__defaults__), id(func.__kwdefaults__), held)
+
+
+def _cell_id(cell: Any) -> int:
+    try:
+        return id(cell.cell_contents)
+    except ValueError:  # an empty cell
+        return 0
 
 
 def _func_of(obj: Any) -> Any:
@@ -253,6 +298,8 @@ _SEEDERS = (
     ("torch.random", "manual_seed"),
     ("torch", "seed"),
     ("torch", "set_rng_state"),
+    ("torch.random", "set_rng_state"),
+    ("torch.random", "seed"),
     ("torch.cuda", "manual_seed"),
     ("torch.cuda", "manual_seed_all"),
     ("torch.cuda", "set_rng_state"),
@@ -260,6 +307,8 @@ _SEEDERS = (
     ("random", "setstate"),
     ("numpy.random", "seed"),
     ("numpy.random", "set_state"),
+    ("numpy.random.mtrand", "seed"),
+    ("numpy.random.mtrand", "set_state"),
 )
 
 
@@ -278,7 +327,7 @@ class SeedWatch:
         self.attribute = attribute
         self.active = True
         self._local = threading.local()
-        self._originals: list[tuple[Any, str, Any]] = []
+        self.originals: list[tuple[Any, str, Any]] = []
         for module_name, name in _SEEDERS:
             try:
                 owner = _resolve(module_name)
@@ -287,7 +336,7 @@ class SeedWatch:
             original = getattr(owner, name, None)
             if original is None or getattr(original, "__trainguard_wrapped__", False):
                 continue
-            self._originals.append((owner, name, original))
+            self.originals.append((owner, name, original))
             setattr(owner, name, self._wrap(f"{module_name}.{name}", original))
 
     def _wrap(self, label: str, original: Any) -> Any:
@@ -324,7 +373,7 @@ class SeedWatch:
 
     def restore(self) -> None:
         self.active = False
-        for owner, name, original in self._originals:
+        for owner, name, original in self.originals:
             setattr(owner, name, original)
 
 
@@ -377,7 +426,11 @@ class AuditSensor:
         sys.addaudithook(self._hook)
 
     def _hook(self, event: str, args: tuple[Any, ...]) -> None:
-        if not self.active or getattr(self._local, "busy", False) or getattr(QUIET, "on", False):
+        if (
+            not self.active
+            or getattr(self._local, "busy", False)
+            or threading.get_ident() in _QUIET_THREADS
+        ):
             return
         self._local.busy = True
         try:
@@ -399,6 +452,11 @@ class AuditSensor:
     def _classify(self, event: str, args: tuple[Any, ...]) -> tuple[str, Attribution] | None:
         if event in _SPAWNS:
             return f"{event} {str(args[0])[:120] if args else ''}", self._caller()
+        if event in ("ctypes.dlopen", "ctypes.dlsym"):
+            # C functions reached directly (libc's system, kill) skip every other event
+            name = args[-1] if args else ""
+            by = self._caller()
+            return None if by.trusted else (f"{event} {str(name)[:80]}", by)
         if event in ("os.kill", "os.killpg") and len(args) > 1:
             # signal 0 only asks whether a process exists; the job's own children (its
             # DataLoader workers, its compilers) are its own to stop
