@@ -64,6 +64,9 @@ def main() -> int:
             path = run / f"alerts-rank{rank}.json"
             if path.exists():
                 alerts += json.loads(path.read_text())
+        # an alert every rank computed from the same check is in every rank's file: once
+        unique = {(a["step"], a["rank"], a["detector"], a["message"]): a for a in alerts}
+        alerts = list(unique.values())
         for alert in sorted(alerts, key=lambda a: (a["step"], str(a["rank"])))[:6]:
             who = f"rank {alert['rank']}" if alert["rank"] is not None else "all ranks"
             print(f"   step {alert['step']:>4}  {who:<9} [{alert['detector']}] {alert['message']}")

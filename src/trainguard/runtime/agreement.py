@@ -237,7 +237,12 @@ def _grouped(name: str, rows: list[list[int]]) -> str:
     if name in ("lr", "step"):
         label = "lr" if name == "lr" else "step"
         return ", ".join(f"{label} {v:.6g} on {ranks(rs)}" for v, rs in ordered)
-    return " / ".join(f"{ranks(rs)} agree" if len(rs) > 1 else ranks(rs) for _, rs in ordered)
+    agreeing = [rs for _, rs in ordered if len(rs) > 1]
+    alone = [r for _, rs in ordered if len(rs) == 1 for r in rs]
+    said = [f"{ranks(rs)} agree" for rs in agreeing]
+    if alone:
+        said.append(f"{ranks(alone)} {'differs' if len(alone) == 1 else 'each differ'}")
+    return ", ".join(said)
 
 
 def _by_evidence(name: str, rows: list[list[int]]) -> tuple[list[int], str]:
