@@ -20,13 +20,6 @@ from trainguard.cli import main
 from trainguard.runtime import GuardError, GuardHalt
 
 
-@pytest.fixture(scope="module")
-def owner_key(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("owner") / "keys"
-    assert main(["keygen", "-o", str(folder)]) == 0
-    return folder / "trainguard.key"
-
-
 def make(tmp_path: Path, key: Path, **options):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))

@@ -27,13 +27,6 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def owner_key(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("owner") / "keys"
-    assert main(["keygen", "-o", str(folder)]) == 0
-    return folder / "trainguard.key"
-
-
 def launch(scenario: str, run_dir: Path, key: Path) -> list[subprocess.Popen[bytes]]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.runtime.practice import ENTRIES, STEPS
+from tests.runtime.test_guard_distributed import free_port
 from trainguard.cli import main
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -24,19 +24,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 #: entries also run on four ranks (a majority exists there, so naming works differently)
 ON_FOUR = ("plain", "dataloader-workers", "workers-accumulation-scheduler", "zero-redundancy")
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def owner_key(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("owner") / "keys"
-    assert main(["keygen", "-o", str(folder)]) == 0
-    return folder / "trainguard.key"
 
 
 def run_entry(entry: str, world: int, run_dir: Path, key: Path) -> list[tuple[int, str]]:

@@ -19,19 +19,11 @@ from pathlib import Path
 import pytest
 
 from tests.runtime.test_guard_distributed import ROOT, free_port, ledger_alerts
-from trainguard.cli import main
 from trainguard.runtime.liveness import pid_alive
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 RANKS = (0, 1)
-
-
-@pytest.fixture(scope="module")
-def owner_key(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("owner") / "keys"
-    assert main(["keygen", "-o", str(folder)]) == 0
-    return folder / "trainguard.key"
 
 
 def torchrun(scenario: str, run_dir: Path, key: Path) -> subprocess.Popen[bytes]:

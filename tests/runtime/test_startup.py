@@ -26,13 +26,6 @@ SMALL = "pluggy"  # a small installed distribution: its RECORD is checked in wel
 GUARDING = re.compile(r"^trainguard: guarding run (\S+), rank (\d) of 2: (.*)$", re.M)
 
 
-@pytest.fixture(scope="module")
-def owner_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("owner") / "keys"
-    assert main(["keygen", "-o", str(folder)]) == 0
-    return folder / "trainguard.key"
-
-
 def launch(
     run_dir: Path, key: Path, options: dict, local_ranks: tuple[str, str] | None = None
 ) -> tuple[list[int], list[str]]:

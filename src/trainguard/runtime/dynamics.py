@@ -111,6 +111,12 @@ class LearningRate:
         wanted = (
             [float(expected)] * len(used) if isinstance(expected, (int, float)) else list(expected)
         )
+        return self._compare(step, used, wanted, "the schedule says")
+
+    def _compare(
+        self, step: int, used: Sequence[float], wanted: Sequence[float], says: str
+    ) -> Alert | None:
+        """The first group whose rate differs, once per run."""
         for group, (got, want) in enumerate(zip(used, wanted, strict=False)):
             if not math.isclose(got, want, rel_tol=self.rel_tol, abs_tol=1e-15):
                 if self.fired:
@@ -121,7 +127,7 @@ class LearningRate:
                     self.rank,
                     self.name,
                     Severity.HIGH,
-                    f"learning rate of group {group} is {got:.6g}, the schedule says {want:.6g}",
+                    f"learning rate of group {group} is {got:.6g}, {says} {want:.6g}",
                     {"group": group, "lr": got, "expected": want},
                 )
         return None
@@ -145,7 +151,7 @@ def scheduler_keys(scheduler: object) -> frozenset[str]:
     return frozenset().union(*(scheduler_keys(child) for child in children))
 
 
-class SchedulerRate:
+class SchedulerRate(LearningRate):
     """The learning rate the optimizer used against the one its scheduler last set.
 
     A scheduler writes each group's rate and keeps what it wrote (``get_last_lr``), so
@@ -155,13 +161,9 @@ class SchedulerRate:
     that differs was written by something other than the scheduler.
     """
 
-    name = "lr-schedule"
-
     def __init__(self, scheduler: object, rank: int | None, rel_tol: float = 1e-6) -> None:
+        super().__init__(lambda step: [], rank, rel_tol)
         self.scheduler = scheduler
-        self.rank = rank
-        self.rel_tol = rel_tol
-        self.fired = False
 
     def expected(self) -> list[float] | None:
         try:
@@ -170,23 +172,12 @@ class SchedulerRate:
             return None  # not stepped yet
         return [float(v) for v in last]
 
-    def check(
+    def check_set(
         self, step: int, used: Sequence[float], wanted: Sequence[float] | None
     ) -> Alert | None:
+        """The rates used against what the scheduler had set (None: not stepped yet)."""
         if wanted is None:
             return None
-        for group, (got, want) in enumerate(zip(used, wanted, strict=False)):
-            if not math.isclose(got, want, rel_tol=self.rel_tol, abs_tol=1e-15):
-                if self.fired:
-                    return None
-                self.fired = True
-                return Alert(
-                    step,
-                    self.rank,
-                    self.name,
-                    Severity.HIGH,
-                    f"learning rate of group {group} is {got:.6g}, its scheduler "
-                    f"({type(self.scheduler).__name__}) set {want:.6g}",
-                    {"group": group, "lr": got, "expected": want},
-                )
-        return None
+        return self._compare(
+            step, used, wanted, f"its scheduler ({type(self.scheduler).__name__}) set"
+        )

@@ -519,7 +519,7 @@ class Guard:
             if self._lr is not None:
                 alert = self._lr.check(step, lr)
             elif self._scheduler is not None:
-                alert = self._scheduler.check(step, lr, wanted)
+                alert = self._scheduler.check_set(step, lr, wanted)
             if alert is not None:
                 self._flags |= agreement.LR_OFF_SCHEDULE
                 self._raise(alert)
