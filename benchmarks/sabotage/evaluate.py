@@ -107,6 +107,16 @@ def effect(run: Run, ref: Run, nproc: int) -> dict[str, Any]:
     return out
 
 
+def _from_attacker(alert: dict[str, Any]) -> bool:
+    """Whether a signal alert's sender is the attacker's process (or not known)."""
+    details = alert.get("details") or {}
+    if isinstance(details, str):  # the job's own alerts file keeps details as text
+        known = "'sender_pid': None" not in details
+        return not known or "benchmarks.sabotage.attackers" in details
+    known = bool(details.get("sender_pid"))
+    return not known or "benchmarks.sabotage.attackers" in str(details.get("sender") or "")
+
+
 def wrong_rank(sc: Scenario, run: Run, s: Settings) -> int:
     """Alerts at or after the attack that name a rank the attack did not act on.
 
@@ -119,6 +129,10 @@ def wrong_rank(sc: Scenario, run: Run, s: Settings) -> int:
     for alert in run.alerts:
         named = alert.get("rank")
         if (alert.get("step") or 0) < since or named is None:
+            continue
+        if alert.get("detector") == "signal" and not _from_attacker(alert):
+            # the rank that received a signal from someone else (the launcher stopping the
+            # survivors after the attacked rank died): a fact about that rank, not blame
             continue
         ranks = named if isinstance(named, list) else [named]
         wrong += any(int(r) not in acted for r in ranks)

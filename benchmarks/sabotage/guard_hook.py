@@ -27,6 +27,16 @@ def guard_available() -> str | None:
     return None
 
 
+def before_start() -> None:
+    """What the Guard asks for first thing in ``main``: ``protect_signals()`` (before any
+    thread starts), so that a signal's sender is known."""
+    import trainguard
+
+    protect = getattr(trainguard, "protect_signals", None)
+    if protect is not None:
+        protect()
+
+
 def make_guard(ctx: GuardContext) -> Any:
     """``trainguard.Guard`` for one rank of the reference job."""
     import inspect

@@ -544,8 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     factory = None
     if args.guard == "on":
-        from benchmarks.sabotage.guard_hook import make_guard
+        from benchmarks.sabotage.guard_hook import before_start, make_guard
 
+        before_start()
         factory = make_guard
     if args.plan:
         return run_plan(args.plan, factory)
