@@ -28,6 +28,18 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+#: the other collectives a job waits in (DDP's buffer broadcast before every forward among
+#: them): timed only, so that waiting for a slow peer there is not counted as work
+_TIMED = (
+    "broadcast",
+    "_broadcast_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "barrier",
+)
 #: DDP's stock comm hooks (allreduce, fp16/bf16 compression) live here
 _HOOK_FILE = os.path.join("distributed", "algorithms", "ddp_comm_hooks", "default_hooks.py")
 
@@ -57,6 +69,25 @@ class CommTimer:
                 register(state=None, hook=allreduce_hook)
         self._original = dist.all_reduce
         dist.all_reduce = self._all_reduce
+        self._timed: dict[str, Any] = {}
+        for name in _TIMED:
+            original = getattr(dist, name, None)
+            if original is not None:
+                self._timed[name] = original
+                setattr(dist, name, self._timing(original))
+
+    def _timing(self, original: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            work = original(*args, **kwargs)
+            if work is not None and hasattr(work, "get_future"):
+                work.get_future().then(lambda fut: self._done(started, None))
+            else:
+                self._done(started, None)
+            return work
+
+        timed.__wrapped__ = original  # type: ignore[attr-defined]
+        return timed
 
     def _is_gradient(self, tensor: Any) -> bool:
         import sys
@@ -127,8 +158,13 @@ class CommTimer:
     def close(self) -> None:
         import torch.distributed as dist
 
-        if self.active and dist.all_reduce is self._all_reduce:
+        if not self.active:
+            return
+        if dist.all_reduce is self._all_reduce:
             dist.all_reduce = self._original
+        for name, original in self._timed.items():
+            if getattr(getattr(dist, name, None), "__wrapped__", None) is original:
+                setattr(dist, name, original)
 
 
 def moments(tensor: Any) -> Any:

@@ -461,6 +461,7 @@ class Guard:
             self._step += 1
             self._done = False
             self.comm.discard()  # results of a step whose optimizer.step was skipped
+            self.comm.take_wait()  # the check's own collectives are not the job's waiting
             self.comm.in_backward = True
             self._stepped = True
             self._last_end = time.perf_counter()
