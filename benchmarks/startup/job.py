@@ -72,6 +72,8 @@ def main() -> None:
             times["first_step"] = time.time()
     if guard is not None:
         guard.close()
+    # both ranks done before the group goes: gloo aborts a rank whose peer left first
+    dist.barrier()
     dist.destroy_process_group()
     (opts.out / f"times-rank{rank}.json").write_text(json.dumps(times) + "\n")
 
