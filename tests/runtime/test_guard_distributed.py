@@ -120,12 +120,34 @@ def test_straggler_is_named(tmp_path, owner_key):
     assert {a["rank"] for a in found} == {VICTIM}
 
 
+def closed(run_dir: Path) -> bool:
+    """`trainguard ledger verify` says intact and closed (the run key is gone too)."""
+    verify = subprocess.run(
+        [sys.executable, "-m", "trainguard", "ledger", "verify", str(run_dir), "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    report = json.loads(verify.stdout)
+    return verify.returncode == 0 and report["closed"] and not (run_dir / "run.key").exists()
+
+
 def test_halt_stops_every_rank_at_the_same_check(tmp_path, owner_key):
     run_dir, codes = run("halt", tmp_path, owner_key)
     assert all(code != 0 for code in codes)
     for rank in (0, 1):
         assert any(a["rank"] == VICTIM for a in alerts(run_dir, rank))
-    assert main(["ledger", "verify", str(run_dir)]) == 0
+    assert closed(run_dir)
+
+
+def test_a_crash_inside_the_guard_closes_the_run(tmp_path, owner_key):
+    """Every rank fails with the same bug in the middle of training: each records the
+    failure, and the run is closed rather than left open with its key."""
+    run_dir, codes = run("crash", tmp_path, owner_key)
+    assert all(code != 0 for code in codes)
+    failures = [a for r in (0, 1) for a in alerts(run_dir, r) if a["detector"] == "failure"]
+    assert {a["rank"] for a in failures} == {0, 1}
+    assert closed(run_dir)
 
 
 def test_sigterm_sender_is_reported(tmp_path, owner_key):

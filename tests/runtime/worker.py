@@ -65,6 +65,8 @@ def main() -> None:
                 interfere(scenario, step, model, optimizer)
             optimizer.step()
             guard.step(loss=loss)
+            if scenario == "crash" and step == AT:
+                raise RuntimeError("a bug in the job (every rank)")
             if scenario in ("sigterm", "hang") and step == AT:
                 (open(os.path.join(run_dir, f"ready-{rank}"), "w")).close()
                 if rank == VICTIM:
