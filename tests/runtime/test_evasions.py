@@ -219,13 +219,24 @@ def test_trusted_bytecode_with_other_names(tmp_path, owner_key, foreign):
                 functools.partial(forged, "touch {marker}")))
         """
     )
+    model, optimizer, guard = make(tmp_path, owner_key, code_roots=JOB, policy="halt")
     try:
-        guard = attacked(tmp_path, owner_key, implant.attack)
+        # the hook runs inside optimizer.step: its os.system is refused there
+        with pytest.raises(PermissionError):
+            train(
+                model,
+                optimizer,
+                guard,
+                8,
+                before_step=lambda s: implant.attack(model, optimizer) if s == 3 else None,
+            )
     finally:
         for handle in implant.handles:
             handle.remove()
+        guard.close()
+    assert not marker.exists()
     detectors = {d for d, _ in high(guard)}
-    assert {"hooks", "sensor:os.system"} <= detectors, high(guard)
+    assert "sensor:os.system" in detectors, high(guard)
 
 
 def test_the_jobs_own_thread_running_a_subprocess_is_not_an_alert(tmp_path, owner_key):
