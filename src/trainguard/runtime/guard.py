@@ -391,6 +391,10 @@ class Guard:
         except Error as exc:
             sys.stderr.write(f"trainguard: cannot record the alert in the ledger: {exc}\n")
         self._notify.send(alert)
+        self._hold_for_halt(alert)
+
+    def _hold_for_halt(self, alert: Alert) -> None:
+        """An alert of halt_at severity or more halts every rank at the next settle."""
         if alert.severity >= self.halt_at:
             self._pending_severity = max(self._pending_severity, int(alert.severity))
 
@@ -401,8 +405,7 @@ class Guard:
             self._raise(alert)
             return
         self.alerts.append(alert)
-        if alert.severity >= self.halt_at:
-            self._pending_severity = max(self._pending_severity, int(alert.severity))
+        self._hold_for_halt(alert)
 
     def _on_signal(self, event: dict[str, Any]) -> None:
         """A terminating signal and its sender, from the signal thread. With action

@@ -264,11 +264,6 @@ class Provenance:
         if installed is not None and threading.Thread.start is installed[1]:
             threading.Thread.start = installed[0]  # type: ignore[method-assign]
 
-    def frames(self, frame: types.FrameType | None) -> Iterator[tuple[types.FrameType, Origin]]:
-        while frame is not None:
-            yield frame, self.code_origin(frame.f_code)
-            frame = frame.f_back
-
 
 def _pth_folders(sites: Iterable[str]) -> list[str]:
     folders: list[str] = []
