@@ -8,13 +8,16 @@ document; human text and progress go to stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
 
 from trainguard import __version__
+from trainguard._io import display, reason
 from trainguard.errors import Error, Severity, UnsafeCheckpointError
 
 EXIT_CLEAN = 0
@@ -48,7 +51,12 @@ def _emit_json(document: object) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="trainguard")
-def cli() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Show the traceback of an internal error (also TRAINGUARD_DEBUG=1); any position.",
+)
+def cli(debug: bool) -> None:
     """trainguard: protect training jobs from sabotage.
 
     Each command returns its exit status; see ``main``.
@@ -539,9 +547,40 @@ def ledger_show(run_dir: str, kinds: tuple[str, ...], fmt: str) -> int:
 # --- entry points -------------------------------------------------------------------
 
 
+def _debug_requested(args: list[str]) -> bool:
+    """``--debug`` anywhere before ``--`` (or TRAINGUARD_DEBUG=1): show tracebacks."""
+    words = args[: args.index("--")] if "--" in args else args
+    return "--debug" in words or os.environ.get("TRAINGUARD_DEBUG", "") not in ("", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with ``argv``; return the exit status instead of exiting."""
+    """Run the command line with ``argv``; return the exit status instead of exiting.
+
+    No traceback reaches the user: every failure is one line on stderr and exit status 2
+    (never 1, which means findings). ``--debug`` (or ``TRAINGUARD_DEBUG=1``) shows the
+    traceback of an unexpected one.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(args)
+    if "--debug" in args:
+        cut = args.index("--") if "--" in args else len(args)
+        args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
+    try:
+        status = _run(args)
+    except Exception as exc:  # the last line of defence: a bug is still one line, exit 2
+        if debug:
+            traceback.print_exc()
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        _say(
+            f"trainguard: internal error: {type(exc).__name__}"
+            + (f": {detail}" if detail else "")
+            + ("" if debug else " (run with --debug for the traceback)")
+        )
+        return EXIT_ERROR
+    return status
+
+
+def _run(args: list[str]) -> int:
     try:
         status = cli.main(args=args, prog_name="trainguard", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -553,14 +592,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("trainguard: aborted")
         return EXIT_ERROR
     except Error as exc:
-        _say(f"trainguard: error: {exc}")
+        _say(f"trainguard: error: {_one_line(str(exc))}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         _say("trainguard: interrupted")
         return 130
     except BrokenPipeError:
         return EXIT_ERROR
+    except MemoryError:
+        _say("trainguard: error: out of memory")
+        return EXIT_ERROR
+    except RecursionError:
+        _say("trainguard: error: input nested too deeply")
+        return EXIT_ERROR
+    except OSError as exc:
+        where = f"{display(exc.filename)}: " if exc.filename is not None else ""
+        _say(f"trainguard: error: {where}{reason(exc)}")
+        return EXIT_ERROR
     return status if isinstance(status, int) else EXIT_CLEAN
+
+
+def _one_line(text: str) -> str:
+    """Messages are one line; a newline inside a name is shown, not obeyed."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def entry() -> None:
