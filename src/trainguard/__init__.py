@@ -53,18 +53,24 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'trainguard' has no attribute {name!r}")
 
 
-def scan(path: str | Any) -> ScanReport:
-    """Statically check a model file or folder (recursively); never executes it."""
+def scan(path: str | Any, *, max_memory: int | None = None) -> ScanReport:
+    """Statically check a model file or folder (recursively); never executes it.
+
+    ``max_memory`` (bytes, default 1 GiB) bounds what the scan of each file allocates;
+    a file whose declared sizes need more is UNVERIFIABLE.
+    """
     from trainguard.artifacts.scanner import scan_paths
 
-    return scan_paths([path])
+    return scan_paths([path], max_memory=max_memory)
 
 
-def load(path: str | Any, map_location: Any = None) -> Any:
+def load(path: str | Any, map_location: Any = None, *, max_memory: int | None = None) -> Any:
     """Load a checkpoint without running code from it.
 
-    Raises :class:`UnsafeCheckpointError` naming what was refused.
+    Raises :class:`UnsafeCheckpointError` naming what was refused. ``max_memory`` (bytes,
+    default 1 GiB) bounds the private copy of the file and everything the load allocates
+    beyond it; a file that needs more is refused (:class:`CheckpointError`).
     """
     from trainguard.artifacts.loader import load as _load
 
-    return _load(path, map_location=map_location)
+    return _load(path, map_location=map_location, max_memory=max_memory)

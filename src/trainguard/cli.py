@@ -141,21 +141,52 @@ def _scan_text(report: Any, verbose: bool) -> None:
     _say(f"scanned {len(report.files)} file(s): {summary or 'nothing to scan'}")
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A memory size: bytes, or a number with K, M, G or T (powers of 1024)."""
+    from trainguard.artifacts.budget import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from exc
+
+
+def _max_memory_option(f: F) -> F:
+    return click.option(
+        "--max-memory",
+        metavar="SIZE",
+        default="1G",
+        callback=_size,
+        show_default=True,
+        help="The most memory the command may use, this process included (e.g. 512M, 2G). "
+        "Whatever a file's headers declare is checked against it before allocating; a file "
+        "that would need more is unverifiable.",
+    )(f)
+
+
+def _rss() -> int:
+    from trainguard.artifacts.budget import current_rss
+
+    return current_rss()
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
 @_format_option("text", "json", "sarif")
 @click.option("-v", "--verbose", is_flag=True, help="List every finding, not the first three.")
-def scan(paths: tuple[str, ...], fmt: str, verbose: bool) -> int:
+@_max_memory_option
+def scan(paths: tuple[str, ...], fmt: str, verbose: bool, max_memory: int) -> int:
     """Statically check model files and folders (recursively); PATH may be - for stdin.
 
     Exit status: 0 all safe, 1 something unsafe, unverifiable or unsupported,
-    2 a path could not be read.
+    2 a path could not be read. Unreadable files and folders, FIFOs and devices are
+    listed as errors, never skipped.
     """
     from trainguard.artifacts.scanner import scan_paths
 
     bar = _LazyProgress("scanning", delay=0.5, counts_bytes=False)
     try:
-        report = scan_paths(list(paths), progress=bar)
+        report = scan_paths(list(paths), progress=bar, max_memory=max_memory, baseline=_rss())
     finally:
         bar.close()
     if fmt == "json":
@@ -180,18 +211,21 @@ def scan(paths: tuple[str, ...], fmt: str, verbose: bool) -> int:
     type=click.Path(dir_okay=False),
     help="The .safetensors file to write.",
 )
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists (a regular file only).")
 @_format_option()
-def convert(source: str, output: str, force: bool, fmt: str) -> int:
+@_max_memory_option
+def convert(source: str, output: str, force: bool, fmt: str, max_memory: int) -> int:
     """Load SOURCE with the safe loader and write it as safetensors.
 
     Non-tensor entries (epoch, config, optimizer hyperparameters) are kept as JSON in the
     file's metadata. Exit status: 0 written, 1 SOURCE is unsafe or unverifiable, 2 error.
     """
+    import torch  # noqa: F401  (loaded first, so the memory budget counts it)
+
     from trainguard.artifacts.convert import convert as run_convert
 
     try:
-        result = run_convert(source, output, force=force)
+        result = run_convert(source, output, force=force, max_memory=max_memory, baseline=_rss())
     except UnsafeCheckpointError as refused:
         if fmt == "json":
             _emit_json(
@@ -275,8 +309,8 @@ def keygen(out_dir: str, fmt: str) -> int:
     if fmt == "json":
         _emit_json({"private_key": str(private), "public_key": str(public)})
     else:
-        _say(f"private key: {private} (mode 0600, keep it to yourself)")
-        _say(f"public key:  {public}")
+        _say(f"private key: {display(str(private))} (mode 0600, keep it to yourself)")
+        _say(f"public key:  {display(str(public))}")
     return EXIT_CLEAN
 
 
@@ -322,7 +356,7 @@ def seal(
     if fmt == "json":
         _emit_json({"manifest": str(written)})
     else:
-        _say(f"sealed: {written}")
+        _say(f"sealed: {display(str(written))}")
     return EXIT_CLEAN
 
 
@@ -376,14 +410,15 @@ def verify_env(
             _say(f"signature: {report.signature} (trusted key {report.signer})")
         for d in report.drift:
             change = f"{d.size_before} -> {d.size_after} bytes" if d.size_before is not None else ""
-            _say(f"{d.kind:16} {d.path}")
+            _say(f"{d.kind:16} {display(d.path)}")
             _say(
-                f"{'':16}   {d.detail}; owner {d.owner}, mtime {d.mtime}, ctime {d.ctime} {change}"
+                f"{'':16}   {display(d.detail)}; owner {d.owner}, mtime {d.mtime}, "
+                f"ctime {d.ctime} {change}"
             )
         for d in report.allowed:
-            _say(f"allowed ({d.allowed_by}): {d.kind} {d.path}")
+            _say(f"allowed ({d.allowed_by}): {d.kind} {display(d.path)}")
         for note in report.notes:
-            _say(f"note: {note}")
+            _say(f"note: {display(note)}")
         verdict = "clean" if report.clean else f"{len(report.drift)} drift"
         _say(
             f"{verdict}: {report.files_checked} files in {', '.join(report.distributions) or '-'}"
@@ -486,22 +521,18 @@ def ledger_verify(
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write it to FILE.")
 @_format_option()
 def ledger_head(run_dir: str, output: str | None, fmt: str) -> int:
-    """Print the signed head of RUN_DIR (one line): keep it elsewhere, verify against it."""
-    from trainguard.errors import UsageError
-    from trainguard.ledger import open_backend
-    from trainguard.ledger.core import head_of
+    """Print the signed head of RUN_DIR (one line): keep it elsewhere, verify against it.
 
-    store = open_backend(run_dir, readonly=True)
-    try:
-        head = head_of(store)
-    finally:
-        store.close()
-    if output:
-        try:
-            with open(output, "w", encoding="utf-8") as handle:
-                handle.write(head.to_line() + "\n")
-        except OSError as exc:
-            raise UsageError(f"cannot write {output}: {exc.strerror}") from exc
+    Refused (exit 2) for a ledger that does not verify: a head would pin the damage.
+    FILE is replaced if it is a regular file; a device or FIFO is refused.
+    """
+    from trainguard._io import check_output, write_atomic
+    from trainguard.ledger.verify import signed_head
+
+    target = check_output(output, force=True, what="head file") if output else None
+    head = signed_head(run_dir)
+    if target is not None:
+        write_atomic(target, (head.to_line() + "\n").encode(), what="head file")
     if fmt == "json":
         _emit_json(head.to_dict())
     else:

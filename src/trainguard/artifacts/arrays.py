@@ -12,6 +12,7 @@ import io
 import json
 from typing import Any
 
+from trainguard.artifacts.budget import MemoryBudget
 from trainguard.artifacts.interface import Analysis, FormatError
 from trainguard.artifacts.npy import npy_data_size, parse_npy_header
 from trainguard.artifacts.safetensors_check import check_safetensors
@@ -30,13 +31,17 @@ TORCH_DTYPES = {
 }  # fmt: skip
 
 
-def load_array_file(fmt: str, data: bytearray, buf: memoryview, map_location: Any) -> Any:
+def load_array_file(
+    fmt: str, data: bytearray, buf: memoryview, map_location: Any, budget: MemoryBudget
+) -> Any:
     if fmt == "npy":
         return load_npy(data, 0, len(buf))
     if fmt == "npz":
         out = {}
         for member in parse_zip(buf, Analysis("npz")):
-            raw = bytearray(read_member(buf, member, limit=member.size))
+            budget.reserve(member.size, "the array", member=member.name)  # kept by the result
+            got = read_member(buf, member, limit=member.size)
+            raw = got if isinstance(got, bytearray) else bytearray(got)
             key = member.name[:-4] if member.name.endswith(".npy") else member.name
             out[key] = load_npy(raw, 0, len(raw)) if raw.startswith(b"\x93NUMPY") else bytes(raw)
         return out

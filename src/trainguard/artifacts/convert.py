@@ -11,17 +11,19 @@ written as independent copies and listed under ``trainguard.shared``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
-import tempfile
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from trainguard._io import check_output, describe_mode, display, reason, write_atomic
 from trainguard.artifacts.arrays import STRUCTURE_KEY
-from trainguard.errors import CheckpointError, UsageError
+from trainguard.artifacts.budget import DEFAULT_MAX_MEMORY, BudgetExceeded, MemoryBudget
+from trainguard.errors import CheckpointError, InputError, UsageError
 
 SHARED_KEY = "trainguard.shared"
 
@@ -38,7 +40,10 @@ class ConvertResult:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, budget: MemoryBudget | None = None) -> None:
+        # what the output costs beyond what load already holds: tensors that must be copied
+        # (non-contiguous views, shared storages) and text that is encoded several times
+        self.budget = budget if budget is not None else MemoryBudget()
         self.tensors: dict[str, Any] = {}
         self.aliases: dict[str, str] = {}
         self._views: dict[tuple[Any, ...], str] = {}
@@ -71,9 +76,17 @@ class _Encoder:
         while name in self.tensors:
             name += "_"
         self._views[view] = name
-        out = value.detach().to("cpu").contiguous()
+        group: list[str] = []
         if storage.nbytes() > 0:
             group = self._storages.setdefault((value.device.type, storage.data_ptr()), [])
+        copied = bool(group) or value.device.type != "cpu" or not value.is_contiguous()
+        if copied:
+            # checked before the copy: a view can claim far more elements than its storage
+            # holds (a stride of 0), and .contiguous() would allocate them all
+            nbytes = value.numel() * value.element_size()
+            self.budget.reserve(nbytes, f"entry {path!r}: a copy of the tensor")
+        out = value.detach().to("cpu").contiguous()
+        if storage.nbytes() > 0:
             if group:
                 # another view of a storage already written: safetensors needs its own bytes
                 out = out.clone()
@@ -86,6 +99,8 @@ class _Encoder:
         import numpy
         import torch
 
+        if isinstance(value, str) and len(value) > 4096:
+            self.budget.reserve(3 * len(value), f"entry {path!r}: a string of {len(value)}")
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, int):
@@ -95,7 +110,13 @@ class _Encoder:
         if isinstance(value, torch.Tensor):
             return self.tensor(value, path)
         if isinstance(value, numpy.ndarray) and value.dtype != object:
-            tag = self.tensor(torch.from_numpy(numpy.ascontiguousarray(value)), path)
+            try:
+                as_tensor = torch.from_numpy(numpy.ascontiguousarray(value))
+            except TypeError as exc:
+                raise CheckpointError(
+                    f"entry {path!r}: numpy {value.dtype} arrays have no safetensors form"
+                ) from exc
+            tag = self.tensor(as_tensor, path)
             tag["numpy"] = True
             return tag
         if isinstance(value, dict):
@@ -115,6 +136,8 @@ class _Encoder:
         if isinstance(value, torch.device):
             return {"__device__": str(value)}
         if isinstance(value, (bytes, bytearray)):
+            # base64 text, then the JSON structure, then the header: three copies
+            self.budget.reserve(4 * len(value), f"entry {path!r}: {len(value)} bytes as text")
             return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
         if isinstance(value, complex):
             return {"__complex__": [repr(value.real), repr(value.imag)]}
@@ -206,46 +229,78 @@ def encode_tree(obj: Any) -> tuple[dict[str, Any], Any]:
 
 
 def save_safetensors(
-    obj: Any, output: str | os.PathLike[str], *, force: bool = False
+    obj: Any,
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    budget: MemoryBudget | None = None,
 ) -> ConvertResult:
-    """Write a tensor tree as safetensors, atomically; never overwrite unless ``force``."""
-    from safetensors.torch import save_file
+    """Write a tensor tree as safetensors, atomically; never overwrite unless ``force``.
 
-    out = Path(output)
-    if out.exists() and not force:
-        raise UsageError(f"{out}: already exists (use --force to overwrite)")
-    encoder = _Encoder()
+    The output must be a regular file or nothing (a device or a FIFO is refused, never
+    replaced); the temporary file never outlives a failure. ``budget`` bounds the copies
+    the conversion makes (1 GiB when not given).
+    """
+    out = check_output(output, force=force)
+    encoder = _Encoder(budget)
     try:
         structure = encoder.encode(obj, "")
     except RecursionError as exc:
         raise CheckpointError("checkpoint nested too deeply to convert") from exc
+    except BudgetExceeded as exc:
+        raise CheckpointError(f"{display(out)}: not written: {exc}") from exc
     metadata = {"format": "pt", STRUCTURE_KEY: json.dumps(structure, separators=(",", ":"))}
     groups = encoder.shared_groups()
     if groups:
         metadata[SHARED_KEY] = json.dumps(groups)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(encoder.tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise CheckpointError(f"{out}: cannot write: {exc.strerror or exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def write(tmp: str) -> None:
+        from safetensors.torch import save_file
+
+        try:
+            save_file(encoder.tensors, tmp, metadata=metadata)
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors reports I/O failures as its own errors
+            raise CheckpointError(f"{display(out)}: cannot write: {exc}") from exc
+
+    write_atomic(out, write, what="safetensors file")
     return ConvertResult(
         str(out), len(encoder.tensors), encoder.aliases, groups, out.stat().st_size
     )
 
 
 def convert(
-    source: str | os.PathLike[str], output: str | os.PathLike[str], *, force: bool = False
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    max_memory: int | None = None,
+    baseline: int = 0,
 ) -> ConvertResult:
-    """Load ``source`` with the safe loader (raises if unsafe) and write it as safetensors."""
-    from trainguard.artifacts.loader import load
+    """Load ``source`` with the safe loader (raises if unsafe) and write it as safetensors.
 
-    if Path(source).resolve() == Path(output).resolve():
-        raise UsageError(f"{output}: the output would overwrite the input")
-    obj = load(source, map_location="cpu")
-    return save_safetensors(obj, output, force=force)
+    Everything that can be refused is refused before the load: an output that is a device,
+    a FIFO, an existing file without ``force``, or a name too long; an input that is not
+    a regular file. ``max_memory`` (bytes, default 1 GiB) bounds the whole conversion:
+    the private copy of the input, what the analysis inflates, and the copies written;
+    ``baseline`` is memory already in use that counts against it.
+    """
+    from trainguard.artifacts.loader import load_bytes, read_private
+
+    out = check_output(output, force=force)
+    try:
+        info = os.stat(source)
+    except OSError as exc:
+        raise InputError(f"{display(source)}: cannot read: {reason(exc)}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{display(source)}: is {describe_mode(info.st_mode)}, not a file")
+    with contextlib.suppress(OSError):
+        if os.path.samefile(source, out):
+            raise UsageError(f"{display(output)}: the output would overwrite the input")
+    budget = MemoryBudget(
+        DEFAULT_MAX_MEMORY if max_memory is None else max_memory, baseline=baseline
+    )
+    data = read_private(source, budget)
+    obj = load_bytes(data, display(source), map_location="cpu", budget=budget)
+    return save_safetensors(obj, out, force=force, budget=budget)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from trainguard.errors import Finding, Severity
+
+if TYPE_CHECKING:
+    from trainguard.artifacts.budget import MemoryBudget
 
 #: A finding at or above this severity makes a file UNSAFE.
 UNSAFE_AT = Severity.MEDIUM
@@ -47,6 +50,8 @@ class Analysis:
     #: set when part of the file could not be parsed: the file is then UNVERIFIABLE
     parse_error: str | None = None
     supported: bool = True
+    #: what the analysis may still allocate (inflated members, decompressed streams)
+    budget: MemoryBudget = field(default_factory=lambda: _default_budget())
 
     def add(
         self,
@@ -78,6 +83,12 @@ class Analysis:
         if self.parse_error is not None:
             return Verdict.UNVERIFIABLE
         return Verdict.SAFE
+
+
+def _default_budget() -> MemoryBudget:
+    from trainguard.artifacts.budget import MemoryBudget
+
+    return MemoryBudget()
 
 
 class FormatHandler(Protocol):

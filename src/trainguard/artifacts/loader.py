@@ -15,9 +15,11 @@ import os
 import pickle
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
+from trainguard._io import describe_mode, display, read_stream_capped, reason
 from trainguard.artifacts.allowlist import rule_for
+from trainguard.artifacts.budget import DEFAULT_MAX_MEMORY, MemoryBudget
 from trainguard.artifacts.formats.pickles import LEGACY_MAGIC, storage_itemsizes
 from trainguard.artifacts.interface import Analysis, FormatError, Verdict
 from trainguard.artifacts.pickle_analysis import analyse_pickle
@@ -35,13 +37,35 @@ MapLocation = Any
 PersistentLoad = Callable[[Any], Any]
 
 
-def read_private(path: str | os.PathLike[str]) -> bytearray:
-    """The whole file, read once into memory we own (a FIFO works too: it is read once)."""
+def read_private(path: str | os.PathLike[str], budget: MemoryBudget | None = None) -> bytearray:
+    """The whole file, read once into memory we own (a FIFO works too: it is read once).
+
+    Its size is reserved in ``budget`` before anything is allocated; a FIFO is read up to
+    what the budget leaves. A device, a socket or a folder is refused from its ``stat``,
+    before it is opened.
+    """
+    budget = budget if budget is not None else MemoryBudget()
+    shown = display(path)
     try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise InputError(f"{shown}: is a directory (load takes one file)")
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+            raise InputError(f"{shown}: is {describe_mode(info.st_mode)}, not a file")
         with open(path, "rb", buffering=0) as f:
             info = os.fstat(f.fileno())
             if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
-                raise InputError(f"{path}: not a regular file")
+                raise InputError(f"{shown}: is {describe_mode(info.st_mode)}, not a file")
+            if stat.S_ISFIFO(info.st_mode):
+                data = bytearray(read_stream_capped(f, budget.available, shown))
+                budget.reserve(len(data), "the file")
+                return data
+            if info.st_size > budget.available:
+                raise CheckpointError(
+                    f"{shown}: the file is {info.st_size} bytes, above the {budget.available} "
+                    f"bytes the {budget.limit}-byte memory budget leaves (--max-memory)"
+                )
+            budget.reserve(info.st_size, "the file")
             data = bytearray(info.st_size)
             view = memoryview(data)
             filled = 0
@@ -52,26 +76,40 @@ def read_private(path: str | os.PathLike[str]) -> bytearray:
                 filled += n
             view.release()
             del data[filled:]
-            while chunk := f.read(1 << 20):  # a pipe, or a file that grew meanwhile
-                data += chunk
+            if f.read(1):  # it grew while we read: what we checked would not be what it is
+                raise InputError(f"{shown}: the file changed while it was read")
             return data
     except IsADirectoryError as exc:
-        raise InputError(f"{path}: is a directory (load takes one file)") from exc
+        raise InputError(f"{shown}: is a directory (load takes one file)") from exc
     except OSError as exc:
-        raise InputError(f"{path}: {(exc.strerror or str(exc)).lower()}") from exc
+        raise InputError(f"{shown}: cannot read: {reason(exc)}") from exc
 
 
-def load(path: str | os.PathLike[str], map_location: MapLocation = None) -> Any:
+def load(
+    path: str | os.PathLike[str], map_location: MapLocation = None, *, max_memory: int | None = None
+) -> Any:
     """Load a model file without executing code from it. See :func:`trainguard.load`."""
     name = os.fspath(path)
-    data = read_private(name)
-    return load_bytes(data, name, map_location=map_location)
+    budget = MemoryBudget(DEFAULT_MAX_MEMORY if max_memory is None else max_memory)
+    data = read_private(name, budget)
+    return load_bytes(data, display(name), map_location=map_location, budget=budget)
 
 
-def load_bytes(data: bytearray, name: str, map_location: MapLocation = None) -> Any:
-    """Analyse ``data`` and, if it is safe, rebuild its object from the same bytes."""
+def load_bytes(
+    data: bytearray,
+    name: str,
+    map_location: MapLocation = None,
+    *,
+    budget: MemoryBudget | None = None,
+) -> Any:
+    """Analyse ``data`` and, if it is safe, rebuild its object from the same bytes.
+
+    ``budget`` (1 GiB when not given) bounds what the analysis and the rebuild allocate
+    beyond ``data`` itself.
+    """
+    budget = budget if budget is not None else MemoryBudget()
     buf = memoryview(data)
-    analysis = analyse_buffer(buf)
+    analysis = analyse_buffer(buf, budget)
     verdict = analysis.verdict
     if verdict is Verdict.UNSUPPORTED:
         raise UnsupportedFormatError(f"{name}: {analysis.format} files are not supported")
@@ -82,8 +120,13 @@ def load_bytes(data: bytearray, name: str, map_location: MapLocation = None) -> 
         return _dispatch(analysis, data, buf, name, map_location)
     except (CheckpointError, InputError):
         raise
-    except Exception as exc:  # the bytes passed analysis but do not rebuild: fail closed
+    except FormatError as exc:
         raise CheckpointError(f"{name}: cannot rebuild the checkpoint: {exc}") from exc
+    except MemoryError as exc:
+        raise CheckpointError(f"{name}: out of memory while rebuilding the checkpoint") from exc
+    except Exception as exc:  # the bytes passed analysis but do not rebuild: fail closed
+        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{name}: cannot rebuild the checkpoint: {detail}") from exc
 
 
 def _dispatch(
@@ -91,7 +134,7 @@ def _dispatch(
 ) -> Any:
     fmt = analysis.format
     if fmt == "torch-zip":
-        return _load_torch_zip(data, buf, map_location)
+        return _load_torch_zip(data, buf, map_location, analysis.budget)
     if fmt == "torch-legacy":
         return _load_torch_legacy(data, buf, map_location)
     if fmt == "pickle":
@@ -100,12 +143,58 @@ def _dispatch(
     if fmt in ("npy", "npz", "safetensors"):
         from trainguard.artifacts import arrays
 
-        return arrays.load_array_file(fmt, data, buf, map_location)
+        return arrays.load_array_file(fmt, data, buf, map_location, analysis.budget)
     raise UnsupportedFormatError(f"{name}: {fmt} files can be scanned but not loaded")
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler whose ``find_class`` admits only the allowlist."""
+def _check_array_state(inst: Any, state: Any) -> None:
+    """Refuse an ``ndarray.__setstate__`` state that does not describe its own data.
+
+    numpy trusts it: an object array whose state says 123 items but carries a list of 2
+    makes numpy read past the list and crash the process (numpy 2.4), so the state is
+    checked here, before numpy sees it.
+    """
+    import numpy
+
+    if not isinstance(inst, numpy.ndarray):
+        return
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        raise pickle.UnpicklingError("array state is not a 4- or 5-tuple")
+    shape, dtype, _fortran, raw = state[-4:]
+    if not isinstance(shape, tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise pickle.UnpicklingError(f"array state has a bad shape {shape!r:.80}")
+    if not isinstance(dtype, numpy.dtype):
+        raise pickle.UnpicklingError("array state has no dtype")
+    count = 1
+    for n in shape:
+        count *= n
+    if dtype.hasobject:
+        if not isinstance(raw, list) or len(raw) != count:
+            items = len(raw) if isinstance(raw, list) else "no"
+            raise pickle.UnpicklingError(f"object array of shape {shape} carries {items} items")
+    elif not isinstance(raw, (bytes, bytearray)) or len(raw) != count * dtype.itemsize:
+        raise pickle.UnpicklingError(f"array of shape {shape} does not carry its bytes")
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler whose ``find_class`` admits only the allowlist.
+
+    The pure-Python unpickler, so that BUILD can be checked before an object's own
+    ``__setstate__`` sees the state (:func:`_check_array_state`); the pickles it reads are
+    small (tensor bytes live outside them).
+    """
+
+    dispatch: ClassVar[dict[int, Callable[..., None]]] = dict(pickle._Unpickler.dispatch)
+
+    def _load_build(self) -> None:
+        stack = self.stack  # type: ignore[attr-defined]
+        if len(stack) >= 2:
+            _check_array_state(stack[-2], stack[-1])
+        self.load_build()  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def __init__(self, file: io.BytesIO, persistent: PersistentLoad | None = None) -> None:
         super().__init__(file, encoding="utf-8")
@@ -174,7 +263,9 @@ def _view(data: bytearray, offset: int, size: int) -> Any:
     return torch.frombuffer(data, dtype=torch.uint8, count=size, offset=offset).untyped_storage()
 
 
-def _load_torch_zip(data: bytearray, buf: memoryview, map_location: MapLocation) -> Any:
+def _load_torch_zip(
+    data: bytearray, buf: memoryview, map_location: MapLocation, budget: MemoryBudget
+) -> Any:
     members = parse_zip(buf, Analysis("zip"))
     by_name = {m.name: m for m in members}
     prefix = torch_archive_prefix(members)
@@ -201,12 +292,16 @@ def _load_torch_zip(data: bytearray, buf: memoryview, map_location: MapLocation)
         if member.method == 0:
             untyped = _view(data, member.data_offset, nbytes)
         else:
-            raw = bytearray(read_member(buf, member, limit=member.size))
-            untyped = _view(raw, 0, nbytes)
+            budget.reserve(member.size, f"storage record data/{key}")  # kept by the result
+            raw = read_member(buf, member, limit=member.size)
+            untyped = _view(raw if isinstance(raw, bytearray) else bytearray(raw), 0, nbytes)
         loaded[key] = _typed(restore(untyped, location), storage_type)
         return loaded[key]
 
-    pkl = read_member(buf, by_name[f"{prefix}/data.pkl"], limit=1 << 30)
+    main = by_name[f"{prefix}/data.pkl"]
+    # the pickle's bytes, and the objects built from its arguments (at most as many bytes)
+    budget.reserve(2 * main.size, "data.pkl and what it builds")
+    pkl = bytes(read_member(buf, main, limit=main.size))
     result = RestrictedUnpickler(io.BytesIO(pkl), persistent_load).load()
     _validate_sparse()
     return result

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trainguard.artifacts.allowlist import TENSOR_TYPES, rule_for, severity_of
+from trainguard.artifacts.budget import BudgetExceeded
 from trainguard.artifacts.interface import Analysis, FormatError
 from trainguard.artifacts.pickle_ops import Blob, OpReader
 from trainguard.errors import Severity
@@ -117,6 +118,9 @@ class PickleAnalyser:
         self.persistent: list[Persistent] = []
         self.globals: list[Global] = []
         self._ops = 0
+        # every opcode makes at most one value: bounding opcodes bounds the simulation's
+        # memory (and the real unpickler's) by the budget, whatever the stream repeats
+        self._max_ops = analysis.budget.max_values()
         self._reported: set[str] = set()
 
     # --- findings ---
@@ -161,6 +165,13 @@ class PickleAnalyser:
         handlers = _HANDLERS
         for op in self.reader:
             self._ops += 1
+            if self._ops > self._max_ops:
+                raise BudgetExceeded(
+                    f"pickle runs more than {self._max_ops} opcodes, more values than the "
+                    "memory budget holds (--max-memory)",
+                    member=self.member,
+                    offset=op.offset,
+                )
             if op.name == "STOP":
                 root = self.pop(op.offset)
                 if self.stack:
@@ -379,7 +390,14 @@ def _proto(a: PickleAnalyser, arg: object, offset: int) -> None:
 
 @_on("FRAME")
 def _frame(a: PickleAnalyser, arg: object, offset: int) -> None:
-    pass
+    assert isinstance(arg, int)
+    left = len(a.reader.buf) - a.reader.pos
+    if arg > left:
+        raise FormatError(
+            f"frame of {arg} bytes runs past the end ({left} remain)",
+            member=a.member,
+            offset=offset,
+        )
 
 
 @_on("MARK")

@@ -15,11 +15,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from trainguard.artifacts.budget import MemoryBudget
 from trainguard.artifacts.interface import Analysis, FormatError
 
 #: the library refuses longer headers
 MAX_HEADER_SIZE = 100_000_000
 _U64_MAX = 2**64 - 1
+#: memory per byte of header text once parsed (dicts, lists and ints of a hostile header)
+JSON_COST = 16
 _JSON_SPACE = b" \t\r\n"
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
@@ -96,7 +99,7 @@ def _check_text(value: str, what: str) -> None:
         raise FormatError(f"{what} is not valid unicode") from None
 
 
-def _load_header(buf: memoryview) -> tuple[dict[str, Any], int]:
+def _load_header(buf: memoryview, budget: MemoryBudget) -> tuple[dict[str, Any], int]:
     size = len(buf)
     if size < 8:
         raise FormatError("file is shorter than the 8-byte header length")
@@ -105,6 +108,8 @@ def _load_header(buf: memoryview) -> tuple[dict[str, Any], int]:
         raise FormatError(f"header length {length} is above the {MAX_HEADER_SIZE}-byte limit")
     if 8 + length > size:
         raise FormatError(f"header length {length} runs past the end of the {size}-byte file")
+    # parsed JSON costs several times its text: bounded by the budget before parsing
+    budget.check(length * JSON_COST, "the JSON header")
     try:
         text = bytes(buf[8 : 8 + length]).decode("utf-8")
     except UnicodeDecodeError:
@@ -171,7 +176,7 @@ def check_safetensors(buf: memoryview, analysis: Analysis) -> dict[str, TensorIn
     Raises :class:`FormatError` naming the tensor at the first violation; offsets in the
     returned :class:`TensorInfo` count from the first byte after the header.
     """
-    header, data_start = _load_header(buf)
+    header, data_start = _load_header(buf, analysis.budget)
     if "__metadata__" in header:
         _check_metadata(header.pop("__metadata__"))
     tensors = {name: _tensor(name, entry) for name, entry in header.items()}

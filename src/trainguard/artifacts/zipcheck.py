@@ -120,6 +120,8 @@ def find_eocd(buf: memoryview) -> int | None:
     for a whole record. ZIP64 archives keep a classic end record too; :func:`parse_zip`
     follows the ZIP64 locator just before it.
     """
+    if len(buf) < _EOCD.size:
+        return None
     start = max(0, len(buf) - _EOCD.size - _MAX_COMMENT)
     tail = bytes(buf[start:])
     pos = tail.rfind(_EOCD_SIG, 0, len(tail) - _EOCD.size + len(_EOCD_SIG))
@@ -493,21 +495,42 @@ def _lzma_decompressor(data: memoryview, member: ZipMember) -> tuple[lzma.LZMADe
     return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[flt]), 9
 
 
-def read_member(buf: memoryview, member: ZipMember, *, limit: int, check_crc: bool = True) -> bytes:
+#: deflate cannot expand one compressed byte to more than 1032 bytes (RFC 1951's limit)
+_DEFLATE_RATIO = 1032
+#: inflation proceeds in steps of this many bytes, into one buffer of the declared size
+_STEP = 1 << 20
+
+
+def read_member(
+    buf: memoryview, member: ZipMember, *, limit: int, check_crc: bool = True
+) -> bytes | bytearray:
     """The member's uncompressed bytes, checked against its size and CRC-32.
 
     Raises :class:`FormatError` when the data runs past the buffer, would inflate beyond
-    ``limit`` bytes, does not decompress to the declared size, or fails its CRC.
+    ``limit`` bytes (the memory the caller can spare: checked on the declared size, before
+    anything is allocated), does not decompress to the declared size, or fails its CRC.
+    Memory is the declared size plus one step, whatever the stream holds.
     """
     name = member.name
     end = member.data_offset + member.compressed_size
     if member.data_offset < 0 or end > len(buf):
         raise FormatError("member data runs past the end of the file", member=name)
     if member.size > limit:
+        from trainguard.artifacts.budget import BudgetExceeded
+
+        raise BudgetExceeded(
+            f"member declares {member.size} bytes, above the {limit} bytes the memory "
+            "budget leaves (--max-memory)",
+            member=name,
+        )
+    if member.method == DEFLATED and member.size > member.compressed_size * _DEFLATE_RATIO + 64:
         raise FormatError(
-            f"member declares {member.size} bytes, above the {limit}-byte limit", member=name
+            f"member declares {member.size} bytes, more than deflate can produce from "
+            f"{member.compressed_size}",
+            member=name,
         )
     data = buf[member.data_offset : end]
+    out: bytes | bytearray
     if member.method == STORED:
         if member.compressed_size != member.size:
             raise FormatError("stored member with two different sizes", member=name)
@@ -527,7 +550,7 @@ def read_member(buf: memoryview, member: ZipMember, *, limit: int, check_crc: bo
     return out
 
 
-def _inflate(data: memoryview, member: ZipMember) -> bytes:
+def _inflate(data: memoryview, member: ZipMember) -> bytearray:
     decompressor: zlib._Decompress | bz2.BZ2Decompressor | lzma.LZMADecompressor
     if member.method == DEFLATED:
         decompressor = zlib.decompressobj(-15)
@@ -538,17 +561,36 @@ def _inflate(data: memoryview, member: ZipMember) -> bytes:
         data = data[skip:]
     else:
         raise FormatError(f"unsupported compression method {member.method}", member=member.name)
-    # max_length bounds memory whatever the stream holds: one byte more than the declared
-    # size (already checked against the limit) proves the header lies.
-    out = decompressor.decompress(data, member.size + 1)
-    if len(out) > member.size:
-        raise FormatError(
-            f"member inflates past its declared {member.size} bytes (zip bomb)",
-            member=member.name,
-        )
-    finished = decompressor.eof
-    if not finished and not (member.method == LZMA and len(out) == member.size):
+    size = member.size
+    # One buffer of the declared size (already checked against the budget), filled step by
+    # step: a stream that holds more than it declares is caught one step past the size,
+    # and the output is never copied or grown.
+    out = bytearray(size)
+    filled = fed = 0
+    pending: bytes | memoryview = b""
+    is_zlib = member.method == DEFLATED
+    while not decompressor.eof:
+        if is_zlib or getattr(decompressor, "needs_input", True):
+            if not pending and fed < len(data):
+                pending = data[fed : fed + _STEP]
+                fed += len(pending)
+            feed, pending = pending, b""
+        else:
+            feed = b""
+        chunk = decompressor.decompress(feed, min(_STEP, size + 1 - filled))
+        if is_zlib:
+            pending = decompressor.unconsumed_tail  # type: ignore[union-attr]
+        if filled + len(chunk) > size:
+            raise FormatError(
+                f"member inflates past its declared {size} bytes (zip bomb)", member=member.name
+            )
+        out[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+        if not chunk and not feed and not pending and fed >= len(data):
+            break  # no input left and nothing more comes out
+    if not decompressor.eof and not (member.method == LZMA and filled == size):
         raise FormatError("compressed stream is truncated", member=member.name)
-    if decompressor.unused_data:
+    if decompressor.unused_data or pending or fed < len(data):
         raise FormatError("bytes after the end of the compressed stream", member=member.name)
+    del out[filled:]
     return out

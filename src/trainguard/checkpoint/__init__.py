@@ -9,7 +9,7 @@
 A checkpoint is one safetensors file: model, optimizer, ``extra`` and RNG states as
 tensors plus tagged JSON (never pickle), and a manifest signed by the owner's key or by
 a run key with its owner-signed certificate. ``load`` refuses, naming what differs,
-before it touches the model. See docs/ledger.md.
+before it touches the model, the optimizer or any RNG. See docs/guard.md.
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from trainguard.artifacts.convert import decode_structure, encode_tree
+from trainguard.checkpoint import fit as _fit
 from trainguard.checkpoint import rng as _rng
+from trainguard.checkpoint.fit import CheckpointMismatchError
 from trainguard.checkpoint.signed_file import (
     CheckpointIntegrityError,
     CheckpointSignatureError,
     CheckpointVerificationError,
     Signer,
 )
+from trainguard.checkpoint.signed_file import check_target as _check_target
 from trainguard.checkpoint.signed_file import read as _read
 from trainguard.checkpoint.signed_file import write as _write
 from trainguard.errors import CheckpointError, UsageError
@@ -55,10 +58,6 @@ __all__ = [
 PrivateKeyLike = str | os.PathLike[str] | Ed25519PrivateKey
 PublicKeyLike = str | os.PathLike[str] | Ed25519PublicKey
 _PARTS = ("model", "optimizer", "extra", "rng")
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A genuine checkpoint that does not fit the model or optimizer it is loaded into."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +123,7 @@ def save(
     """
     if key is None and ledger is None:
         raise UsageError("sign the checkpoint: pass key= (owner key) or ledger= (run key)")
+    _check_target(Path(path))  # a device or a FIFO named as the checkpoint: before any work
     if key is not None:
         private = key if isinstance(key, Ed25519PrivateKey) else signing.load_private(key)
         signer = Signer(private)
@@ -210,23 +210,21 @@ def load(
             own = {n[len(prefix) :]: t for n, t in verified.tensors.items() if n.startswith(prefix)}
             try:
                 trees[part] = decode_structure(parts[part], own)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise CheckpointError(f"{where}: cannot rebuild {part}: {exc}") from exc
-    if model is not None:
-        _check_fits(where, model, trees.get("model"))
-        model.load_state_dict(trees["model"])
-    if optimizer is not None:
-        if "optimizer" not in trees:
-            raise CheckpointMismatchError(f"{where}: the checkpoint holds no optimizer state")
-        try:
-            optimizer.load_state_dict(trees["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise CheckpointMismatchError(f"{where}: optimizer state does not fit: {exc}") from exc
-    notes: list[str] = []
-    if restore_rng:
-        if "rng" not in trees:
-            raise CheckpointMismatchError(f"{where}: the checkpoint holds no rng state")
-        notes = _rng.restore(trees["rng"], generators)
+    try:
+        notes = _fit.restore(
+            where,
+            trees,
+            model=model,
+            optimizer=optimizer,
+            restore_rng=restore_rng,
+            generators=generators,
+        )
+    except CheckpointError as refused:
+        if ledger is not None:
+            ledger.append("checkpoint.refused", {"path": where, "reasons": [str(refused)]})
+        raise
     result = LoadedCheckpoint(
         path=where,
         step=verified.manifest.get("step"),
@@ -270,21 +268,3 @@ def _trusted(
     if not trusted:
         raise UsageError("say whose signature to trust: pass public_key= or ledger=")
     return trusted
-
-
-def _check_fits(where: str, model: Any, state: Any) -> None:
-    """Refuse, before loading anything, a model state with other names or shapes."""
-    if state is None:
-        raise CheckpointMismatchError(f"{where}: the checkpoint holds no model state")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"{where}: does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for name, value in own.items():
-        if tuple(value.shape) != tuple(state[name].shape):
-            raise CheckpointMismatchError(
-                f"{where}: {name} is {tuple(state[name].shape)}, the model has {tuple(value.shape)}"
-            )

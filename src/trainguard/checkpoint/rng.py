@@ -30,18 +30,65 @@ def capture(generators: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return state
 
 
-def restore(state: Mapping[str, Any], generators: Mapping[str, Any] | None = None) -> list[str]:
-    """Restore what :func:`capture` saved; return notes on what could not be restored."""
+def check(state: Any, generators: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`CheckpointError` unless :func:`restore` can set every state.
+
+    Each state is tried on a scratch generator of the same kind, so nothing the job uses
+    changes: a refused checkpoint leaves every RNG as it was.
+    """
     import numpy
     import torch
 
-    notes: list[str] = []
+    if not isinstance(state, Mapping):
+        raise CheckpointError("rng state is not a mapping")
+    steps: list[tuple[str, Any]] = [
+        ("python", lambda: random.Random().setstate(_tuples(state["python"]))),
+        ("numpy", lambda: numpy.random.RandomState().set_state(state["numpy"])),
+        ("torch", lambda: torch.Generator().set_state(_bytes(state["torch"]))),
+    ]
+    cuda = state.get("cuda") or []
+    if not isinstance(cuda, (list, tuple)):
+        raise CheckpointError("cuda rng state is not a list")
+    for index, value in enumerate(cuda):
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            steps.append(
+                (f"cuda:{index}", lambda i=index, v=value: _scratch(f"cuda:{i}").set_state(v))
+            )
+        else:
+            steps.append((f"cuda:{index}", lambda v=value: _bytes(v)))
+    saved = state.get("generators") or {}
+    if not isinstance(saved, Mapping):
+        raise CheckpointError("generator states are not a mapping")
+    for name, generator in (generators or {}).items():
+        if name not in saved:
+            raise CheckpointError(f"checkpoint has no state for generator {name!r}")
+        device = str(generator.device)
+        value = saved[name]
+        steps.append(
+            (f"generator {name!r}", lambda d=device, v=value: _scratch(d).set_state(_bytes(v)))
+        )
+    what = ""
     try:
-        random.setstate(_tuples(state["python"]))
-        numpy.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"].clone())
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot restore rng state: {exc}") from exc
+        for label, attempt in steps:
+            what = label
+            attempt()
+    except Exception as exc:  # whatever a scratch generator refuses does not fit
+        raise CheckpointError(f"{what} rng state does not fit: {_one_line(exc)}") from exc
+
+
+def restore(state: Mapping[str, Any], generators: Mapping[str, Any] | None = None) -> list[str]:
+    """Restore what :func:`capture` saved; return notes on what could not be restored.
+
+    Checks everything first (:func:`check`): a refused state changes no generator.
+    """
+    import numpy
+    import torch
+
+    check(state, generators)
+    notes: list[str] = []
+    random.setstate(_tuples(state["python"]))
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].clone())
     cuda = list(state.get("cuda") or [])
     if cuda:
         if torch.cuda.is_available():
@@ -54,10 +101,27 @@ def restore(state: Mapping[str, Any], generators: Mapping[str, Any] | None = Non
             notes.append(f"checkpoint holds {len(cuda)} cuda rng states; no cuda device here")
     saved = state.get("generators") or {}
     for name, generator in (generators or {}).items():
-        if name not in saved:
-            raise CheckpointError(f"checkpoint has no state for generator {name!r}")
         generator.set_state(saved[name].clone())
     return notes
+
+
+def _scratch(device: str) -> Any:
+    import torch
+
+    return torch.Generator(device=device)
+
+
+def _bytes(value: Any) -> Any:
+    import torch
+
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        raise TypeError("not a byte tensor")
+    return value.clone()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
 
 
 def _tuples(value: Any) -> Any:

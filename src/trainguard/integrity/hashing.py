@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import mmap
 import os
+import stat
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,17 +43,38 @@ def hash_file(path: str, algorithm: Algorithm) -> tuple[str, int]:
     """Return (digest, size) of one file, read in chunks.
 
     BLAKE3 is hex; the SHA-2 digests are in RECORD's own spelling: ``sha256=`` and
-    urlsafe base64 without padding.
+    urlsafe base64 without padding. A FIFO, device or socket is never opened (opening a
+    device can act on it, reading one may never end): its digest is ``special:`` and its
+    kind, see :func:`special_digest`. A symlink raises ELOOP (``O_NOFOLLOW``).
     """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    kind = _special(os.lstat(path).st_mode)
+    if kind is not None:
+        return kind, 0
+    flags = (
+        os.O_RDONLY
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+    )
     fd = os.open(path, flags)
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        kind = _special(info.st_mode)  # swapped for a FIFO since the lstat
+        if kind is not None:
+            return kind, 0
+        os.set_blocking(fd, True)
+        size = info.st_size
         if algorithm == "blake3":
             b3 = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= MMAP_THRESHOLD else 1)
             if size >= MMAP_THRESHOLD:
-                b3.update_mmap(path)
-                return b3.hexdigest(), size
+                # Map the descriptor we checked, not the path again (which could be a FIFO
+                # by now).
+                try:
+                    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+                        b3.update(mapped)
+                        return b3.hexdigest(), len(mapped)
+                except ValueError:  # emptied since the fstat: nothing to map
+                    b3 = blake3.blake3()
             total = _stream(fd, b3.update, size)
             return b3.hexdigest(), total
         sha = hashlib.new(algorithm)
@@ -59,6 +82,27 @@ def hash_file(path: str, algorithm: Algorithm) -> tuple[str, int]:
         return f"{algorithm}=" + base64.urlsafe_b64encode(sha.digest()).rstrip(b"=").decode(), total
     finally:
         os.close(fd)
+
+
+_SPECIAL = {
+    stat.S_IFIFO: "special:fifo",
+    stat.S_IFCHR: "special:char-device",
+    stat.S_IFBLK: "special:block-device",
+    stat.S_IFSOCK: "special:socket",
+    stat.S_IFDIR: "special:directory",
+}
+
+
+def _special(mode: int) -> str | None:
+    """The digest recorded for a file that is not read: FIFO, device, socket, folder."""
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return None
+    return _SPECIAL.get(stat.S_IFMT(mode), "special:unknown")
+
+
+def special_digest(path: str) -> str | None:
+    """``special:fifo`` (and so on) when ``path`` is not a regular file or a symlink."""
+    return _special(os.lstat(path).st_mode)
 
 
 def _stream(fd: int, update: object, size: int) -> int:

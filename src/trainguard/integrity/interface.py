@@ -28,6 +28,7 @@ DriftKind = Literal[
     "pyc-orphan",  # a cached .pyc with no source next to it
     "pyc-unverifiable",  # a cached .pyc this interpreter cannot check (other magic or tag)
     "startup-hook",  # .pth import line, sitecustomize, PYTHONPATH into a writable place
+    "unreadable",  # a file or folder that cannot be read: whatever it holds is unverified
 ]
 
 SignatureStatus = Literal["valid", "invalid", "missing", "not-applicable"]
@@ -44,6 +45,7 @@ _SEVERITY: dict[str, Severity] = {
     "pyc-orphan": Severity.MEDIUM,
     "pyc-unverifiable": Severity.LOW,
     "startup-hook": Severity.HIGH,
+    "unreadable": Severity.HIGH,
 }
 
 ProgressCallback = Callable[[int, int], None]

@@ -26,6 +26,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from trainguard._io import (
+    MANIFEST_CAP,
+    describe_mode,
+    display,
+    parse_json,
+    read_capped,
+    reason,
+    write_atomic,
+)
+from trainguard.errors import InputError
 from trainguard.integrity import signing
 from trainguard.integrity.hashing import hash_files
 from trainguard.integrity.interface import (
@@ -55,9 +67,14 @@ RACY_SECONDS = 2.0
 
 
 def message(body: dict[str, Any]) -> bytes:
-    """The exact bytes the signature covers."""
+    """The exact bytes the signature covers.
+
+    A file name that is not UTF-8 reaches here as Python's surrogate escapes (one lone
+    surrogate per undecodable byte); ``surrogatepass`` encodes any lone surrogate, so
+    every body has exactly one message and names that are UTF-8 sign as they always did.
+    """
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return (SCHEMA + "\n" + canonical).encode("utf-8")
+    return (SCHEMA + "\n" + canonical).encode("utf-8", "surrogatepass")
 
 
 def build_body(
@@ -82,8 +99,9 @@ def build_body(
     for raw in paths:
         base = os.path.abspath(raw)
         if not os.path.lexists(base):
-            raise ManifestError(f"{raw}: no such file or directory")
-        files = sorted(walk(base)) if os.path.isdir(base) else [base]
+            raise ManifestError(f"{display(raw)}: no such file or directory")
+        is_dir = _sealable(raw, base)
+        files = sorted(walk(base)) if is_dir else [base]
         plan.append(({"kind": "path", "name": base, "version": None}, base, files))
     plan.extend(
         ({"kind": "startup", "name": site, "version": None}, site, hook_files(site))
@@ -93,7 +111,7 @@ def build_body(
     result = hash_files(every, "blake3", sizes=_sizes(every), workers=workers, progress=progress)
     if result.errors:
         path, why = next(iter(result.errors.items()))
-        raise ManifestError(f"cannot seal {path}: {why}")
+        raise ManifestError(f"{display(path)}: cannot seal: {why[:1].lower() + why[1:]}")
     now = _dt.datetime.now(tz=_dt.timezone.utc)
     roots = []
     for meta, base, files in plan:
@@ -130,11 +148,32 @@ def build_body(
     }
 
 
-def write(path: str | os.PathLike[str], body: dict[str, Any], key_path: str) -> Path:
-    """Sign ``body`` with the private key at ``key_path`` and write the manifest."""
-    key = signing.load_private(key_path)
-    public = key.public_key()
+def _sealable(raw: str, base: str) -> bool:
+    """True for a folder, False for a file; ManifestError for what cannot be sealed.
 
+    A FIFO, device or socket named as a PATH is refused (reading one may never end), and
+    so is a symlink loop or a link to nothing.
+    """
+    try:
+        info = os.stat(base)
+    except OSError as exc:
+        raise ManifestError(f"{display(raw)}: cannot seal: {reason(exc)}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        return True
+    if not stat.S_ISREG(info.st_mode):
+        raise ManifestError(
+            f"{display(raw)}: is {describe_mode(info.st_mode)}; refusing to seal it"
+        )
+    return False
+
+
+def write(path: str | os.PathLike[str], body: dict[str, Any], key: Ed25519PrivateKey) -> Path:
+    """Sign ``body`` with ``key`` and write the manifest (atomically, mode 0644).
+
+    The file is UTF-8 JSON; a name that is not UTF-8 is written with its surrogate
+    escapes as JSON ``\\udcXX`` escapes, which read back as the same name.
+    """
+    public = key.public_key()
     document = {
         "schema": SCHEMA,
         "body": body,
@@ -145,32 +184,75 @@ def write(path: str | os.PathLike[str], body: dict[str, Any], key_path: str) -> 
             "value": signing.sign(key, message(body)),
         },
     }
-    out = Path(path)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", "utf-8")
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise ManifestError(f"cannot write {out}: {exc.strerror}") from exc
-    return out
+    text = json.dumps(document, indent=1, ensure_ascii=False) + "\n"
+    # Lone surrogates only occur inside JSON strings, where "\udcXX" is their JSON escape.
+    data = text.encode("utf-8", "backslashreplace")
+    return write_atomic(path, data, mode=0o644, what="manifest")
 
 
 def read(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A manifest document, refused unless it is a regular file under MANIFEST_CAP bytes,
+    JSON nested at most JSON_DEPTH deep, in the documented schema."""
+    name = display(os.fspath(path))
     try:
-        text = Path(path).read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is not JSON (line {exc.lineno}); is it a manifest?") from exc
+        data = read_capped(path, MANIFEST_CAP, "manifest")
+        document = parse_json(data, f"{name}: manifest")
+    except InputError as exc:
+        raise ManifestError(str(exc)) from exc
     if not isinstance(document, dict) or not isinstance(document.get("body"), dict):
-        raise ManifestError(f"{path} is not a trainguard manifest")
+        raise ManifestError(f"{name} is not a trainguard manifest")
     if document.get("schema") != SCHEMA:
-        raise ManifestError(
-            f"{path} has schema {document.get('schema')!r}; this trainguard reads {SCHEMA}"
-        )
+        found = str(document.get("schema"))[:80]
+        raise ManifestError(f"{name} has schema {found!r}; this trainguard reads {SCHEMA}")
+    _validate(document["body"], name)
     return document
+
+
+_ROOT_KINDS = ("distribution", "path", "startup")
+
+
+def _validate(body: dict[str, Any], name: str) -> None:
+    """Refuse a body whose roots or entries do not have the documented fields and types."""
+    roots = body.get("roots")
+    if not isinstance(roots, list):
+        raise ManifestError(f"{name}: manifest body has no list of roots")
+    for i, root in enumerate(roots):
+        where = f"{name}: roots[{i}]"
+        if not isinstance(root, dict) or root.get("kind") not in _ROOT_KINDS:
+            raise ManifestError(f"{where}: not a root of kind {', '.join(_ROOT_KINDS)}")
+        for field in ("name", "base"):
+            if not isinstance(root.get(field), str) or not root[field]:
+                raise ManifestError(f"{where}: {field} is not a non-empty string")
+        if not os.path.isabs(root["base"]) or "\0" in root["base"]:
+            raise ManifestError(f"{where}: base is not an absolute path")
+        if root.get("version") is not None and not isinstance(root["version"], str):
+            raise ManifestError(f"{where}: version is not a string")
+        files = root.get("files")
+        if not isinstance(files, list):
+            raise ManifestError(f"{where}: files is not a list")
+        for j, entry in enumerate(files):
+            _validate_entry(entry, f"{where}.files[{j}]")
+
+
+def _validate_entry(entry: Any, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{where}: not an object")
+    path, size, mode, digest = (entry.get(k) for k in ("path", "size", "mode", "hash"))
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ManifestError(f"{where}: path is not a non-empty string")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ManifestError(f"{where}: size is not a byte count")
+    if not isinstance(mode, str) or not 0 < len(mode) <= 8 or mode.strip("01234567"):
+        raise ManifestError(f"{where}: mode is not octal digits")
+    if not isinstance(digest, str):
+        raise ManifestError(f"{where}: hash is not a string")
+    sealed_stat = entry.get("stat")
+    if sealed_stat is not None and (
+        not isinstance(sealed_stat, list)
+        or len(sealed_stat) != 4
+        or not all(isinstance(n, int) for n in sealed_stat)
+    ):
+        raise ManifestError(f"{where}: stat is not four integers")
 
 
 def check_signature(
@@ -224,6 +306,7 @@ def compare(
     for root in roots:
         kind, name, base = root["kind"], str(root["name"]), str(root["base"])
         sealed_files = {os.path.normpath(os.path.join(base, f["path"])): f for f in root["files"]}
+        unlisted: list[str] = []
         if kind == "distribution":
             dists.append(name)
             now_version = (installed_versions or {}).get(name)
@@ -238,14 +321,18 @@ def compare(
                 )
             current = {
                 p
-                for p in _current_dist_files(sealed_files, base)
+                for p in _current_dist_files(sealed_files, base, unlisted)
                 if p in sealed_files or (recorded_by or {}).get(p, name) == name
             }
         elif kind == "startup":
             current = set(hook_files(base))
         else:
-            current = set(walk(base)) if os.path.isdir(base) else {base}
+            current = set(walk(base, unlisted)) if os.path.isdir(base) else {base}
         files += len(current | set(sealed_files))
+        drift.extend(
+            Drift.at("unreadable", path, name, "cannot list this folder: nothing in it was checked")
+            for path in sorted(set(unlisted))
+        )
         drift.extend(
             Drift.at(_kind("added", kind), path, name, "not in the manifest")
             for path in sorted(current - set(sealed_files))
@@ -254,6 +341,8 @@ def compare(
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
+                if any(path.startswith(folder + os.sep) for folder in unlisted):
+                    continue  # inside a folder already reported as unreadable
                 drift.append(
                     Drift.at(
                         _kind("removed", kind),
@@ -264,6 +353,12 @@ def compare(
                         mode_before=int(entry["mode"], 8),
                     )
                 )
+                continue
+            except OSError as exc:
+                if not any(path.startswith(folder + os.sep) for folder in unlisted):
+                    drift.append(
+                        Drift.at("unreadable", path, name, f"cannot be read: {reason(exc)}")
+                    )
                 continue
             if (
                 fast
@@ -289,7 +384,7 @@ def compare(
         mode_now = modes[path]
         if got is None:
             why = result.errors.get(path, "unreadable")
-            drift.append(Drift.at(_kind("modified", kind), path, name, f"cannot be read: {why}"))
+            drift.append(Drift.at("unreadable", path, name, f"cannot be read: {why}"))
         elif got[0] != entry["hash"]:
             if is_cache_file(path) and kind != "startup":
                 pycs.append((path, name))
@@ -344,12 +439,15 @@ def _pyc_changes(pycs: list[tuple[str, str]], notes: list[str], workers: int | N
     return out
 
 
-def _current_dist_files(sealed: dict[str, Any], base: str) -> set[str]:
-    """Files now present where the distribution was sealed: its folders, walked afresh."""
+def _current_dist_files(sealed: dict[str, Any], base: str, unlisted: list[str]) -> set[str]:
+    """Files now present where the distribution was sealed: its folders, walked afresh.
+
+    Folders that cannot be listed go into ``unlisted``.
+    """
     tops = top_folders(sealed, base)
     current: set[str] = set()
     for top in tops:
-        current.update(walk(top))
+        current.update(walk(top, unlisted))
     inside = tuple(t + os.sep for t in tops)
     current.update(p for p in sealed if not p.startswith(inside) and os.path.lexists(p))
     return current

@@ -36,21 +36,36 @@ Verdict = Literal["ok", "stale", "mismatch", "unverifiable", "no-source"]
 # writes one [verdict, detail] per task. A header that does not validate against the
 # source means Python would recompile instead of loading the pyc: "stale", harmless.
 _WORKER = r"""
-import importlib.util, json, marshal, os, sys
+import importlib.util, json, marshal, os, stat, sys
 MAGIC = importlib.util.MAGIC_NUMBER
+def read(path):
+    # Only regular files: a FIFO would block the read forever, a device never end it.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(0, "not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        os.set_blocking(fd, True)
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks), st
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 def check(pyc, src, opt):
     try:
-        with open(pyc, "rb") as f:
-            data = f.read()
+        data, _ = read(pyc)
     except OSError as e:
         return ["unverifiable", "cannot read: %s" % (e.strerror or e)]
     if len(data) < 16 or data[:4] != MAGIC:
         return ["unverifiable", "magic number is not this interpreter's"]
     flags = int.from_bytes(data[4:8], "little")
     try:
-        with open(src, "rb") as f:
-            source = f.read()
-        st = os.stat(src)
+        source, st = read(src)
     except OSError as e:
         return ["no-source", "source unreadable: %s" % (e.strerror or e)]
     if flags & 1:

@@ -22,10 +22,12 @@ import os
 import re
 import site
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 
+from trainguard._io import MANIFEST_CAP, display, open_regular, read_text_capped, reason
+from trainguard.errors import InputError
 from trainguard.integrity.hashing import RECORD_ALGORITHMS, Algorithm, hash_files
 from trainguard.integrity.interface import (
     Drift,
@@ -74,18 +76,46 @@ def installed(site_dirs: Sequence[str]) -> list[Installed]:
     for site_dir in site_dirs:
         real = os.path.realpath(site_dir)
         for dist in metadata.distributions(path=[real]):
+            # importlib.metadata treats an unreadable METADATA or RECORD as absent (the
+            # distribution would drop out of --all-packages unseen) and blocks on a FIFO.
+            info = getattr(dist, "_path", None)
+            if info is not None:
+                _readable(os.path.join(info, "METADATA"))
             name = dist.metadata["Name"]
             if not name:
                 continue
             key = canonical(name)
             if key in found:
                 continue
-            text = dist.read_text("RECORD")
+            text = (
+                dist.read_text("RECORD")
+                if info is None
+                else _read_if_present(os.path.join(info, "RECORD"))
+            )
             if text is None:
                 continue
             entries = tuple(_parse_record(text, real))
             found[key] = Installed(key, dist.version, real, entries, _folders(entries, real))
     return sorted(found.values(), key=lambda d: d.name)
+
+
+def _readable(path: str) -> None:
+    """Nothing when ``path`` is absent or a readable regular file; IntegrityError otherwise."""
+    if os.path.lexists(path):
+        try:
+            os.close(open_regular(path, "distribution metadata"))
+        except InputError as exc:
+            raise IntegrityError(str(exc)) from exc
+
+
+def _read_if_present(path: str) -> str | None:
+    """A RECORD's text (capped, never from a FIFO), or None when there is none."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        return read_text_capped(path, MANIFEST_CAP, "RECORD")
+    except InputError as exc:
+        raise IntegrityError(str(exc)) from exc
 
 
 def select(dists: Sequence[Installed], names: Iterable[str] | None) -> list[Installed]:
@@ -131,9 +161,20 @@ def top_folders(paths: Iterable[str], site_dir: str) -> tuple[str, ...]:
     return tuple(sorted(t for t in tops if os.path.isdir(t) and not os.path.islink(t)))
 
 
-def walk(folder: str) -> Iterable[str]:
-    """Every non-directory under ``folder``; symlinks (to directories too) are not followed."""
-    for here, dirs, files in os.walk(folder, followlinks=False):
+def walk(folder: str, unreadable: list[str] | None = None) -> Iterator[str]:
+    """Every non-directory under ``folder``; symlinks (to directories too) are not followed.
+
+    A folder that cannot be listed is never skipped in silence: it raises IntegrityError
+    naming it, or, when ``unreadable`` is given, is appended to it for the caller to report.
+    """
+
+    def unlistable(exc: OSError) -> None:
+        where = os.fsdecode(exc.filename) if exc.filename is not None else folder
+        if unreadable is None:
+            raise IntegrityError(f"{display(where)}: cannot list folder: {reason(exc)}") from exc
+        unreadable.append(where)
+
+    for here, dirs, files in os.walk(folder, followlinks=False, onerror=unlistable):
         for d in dirs:
             full = os.path.join(here, d)
             if os.path.islink(full):
@@ -146,17 +187,20 @@ def is_cache_file(path: str) -> bool:
     return path.endswith(".pyc") and os.path.basename(os.path.dirname(path)) == "__pycache__"
 
 
-def owned_files(dist: Installed, everyone: frozenset[str]) -> tuple[list[str], list[str]]:
+def owned_files(
+    dist: Installed, everyone: frozenset[str], unreadable: list[str] | None = None
+) -> tuple[list[str], list[str]]:
     """(files on disk that belong to ``dist``'s folders, of those the ones no RECORD lists).
 
     Files recorded elsewhere on the same site dir (a shared namespace folder) are
-    skipped: they belong to their own distribution.
+    skipped: they belong to their own distribution. A folder that cannot be listed
+    raises, or goes into ``unreadable`` (see :func:`walk`).
     """
     mine = dist.recorded()
     present: list[str] = [e.path for e in dist.entries if os.path.lexists(e.path)]
     unrecorded: list[str] = []
     for folder in dist.folders:
-        for path in walk(folder):
+        for path in walk(folder, unreadable):
             if path in mine:
                 continue
             if path in everyone:
@@ -195,7 +239,14 @@ def check_record(
     pycs: list[str] = []
     files = 0
     for dist in dists:
-        present, unrecorded = owned_files(dist, everyone)
+        unlisted: list[str] = []
+        present, unrecorded = owned_files(dist, everyone, unlisted)
+        drift.extend(
+            Drift.at(
+                "unreadable", path, dist.name, "folder cannot be listed: its files are unchecked"
+            )
+            for path in unlisted
+        )
         files += len(set(present))
         for e in dist.entries:
             owner[e.path] = dist.name
@@ -242,7 +293,7 @@ def check_record(
                 else:
                     why = result.errors.get(e.path, "unreadable")
                     drift.append(
-                        Drift.at("modified", e.path, owner[e.path], f"cannot be read: {why}")
+                        Drift.at("unreadable", e.path, owner[e.path], f"cannot be read: {why}")
                     )
             elif got[0] != e.digest or (e.size is not None and got[1] != e.size):
                 drift.append(

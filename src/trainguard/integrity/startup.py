@@ -18,6 +18,8 @@ import stat
 import sys
 from collections.abc import Mapping, Sequence
 
+from trainguard._io import CONFIG_CAP, read_capped, reason
+from trainguard.errors import InputError
 from trainguard.integrity.hashing import hash_file
 from trainguard.integrity.interface import Drift
 from trainguard.integrity.record import RecordEntry, _algorithm
@@ -36,24 +38,30 @@ def hook_files(site_dir: str) -> list[str]:
     return found
 
 
+def read_hook(path: str) -> tuple[str | None, str]:
+    """(text, "") of a start-up hook file, or (None, why) when it cannot be read.
+
+    Read capped and only from a regular file: a FIFO named ``x.pth`` must not block the
+    check (nor a device never end it). Undecodable bytes are replaced, as ``site`` would
+    fail on them anyway.
+    """
+    try:
+        return read_capped(path, CONFIG_CAP, "start-up hook").decode("utf-8", "replace"), ""
+    except InputError as exc:
+        return None, str(exc).rsplit(": ", 1)[-1]
+
+
 def executable_lines(pth: str) -> list[str]:
     """The lines of a ``.pth`` file that ``site`` would execute."""
-    try:
-        with open(pth, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
+    text, _ = read_hook(pth)
+    lines = [] if text is None else text.splitlines()
     return [line for line in lines if line.startswith(("import ", "import\t"))]
 
 
 def path_lines(pth: str) -> list[str]:
-    try:
-        with open(pth, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
+    text, _ = read_hook(pth)
     keep = []
-    for line in lines:
+    for line in [] if text is None else text.splitlines():
         if not line.strip() or line.startswith(("#", "import ", "import\t")):
             continue
         keep.append(line.rstrip())
@@ -167,6 +175,11 @@ def _vouch(
     notes: list[str],
 ) -> None:
     is_pth = path.endswith(".pth")
+    if is_pth:
+        text, why = read_hook(path)
+        if text is None:
+            drift.append(Drift.at("startup-hook", path, site_dir, f"cannot be read: {why}"))
+            return
     runs = executable_lines(path) if is_pth else ["module body"]
     if not runs:
         return
@@ -182,7 +195,7 @@ def _vouch(
     try:
         digest, _ = hash_file(path, _algorithm(algo))
     except OSError as exc:
-        drift.append(Drift.at("startup-hook", path, site_dir, f"cannot be read: {exc.strerror}"))
+        drift.append(Drift.at("startup-hook", path, site_dir, f"cannot be read: {reason(exc)}"))
         return
     if digest != entry.digest:
         drift.append(Drift.at("startup-hook", path, dist, f"{what}; differs from {dist}'s RECORD"))

@@ -14,7 +14,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from trainguard._io import CONFIG_CAP, check_output, display, read_text_capped
+from trainguard.errors import InputError
 from trainguard.integrity import manifest as _manifest
+from trainguard.integrity import signing
 from trainguard.integrity.interface import (
     Drift,
     EnvReport,
@@ -35,19 +38,34 @@ from trainguard.integrity.startup import check_startup, interpreter
 PathLike = str | os.PathLike[str]
 
 
+#: A glob longer than this is refused: no path is that long, and each glob is matched
+#: against every drift entry.
+GLOB_CAP = 4096
+
+
 def read_allow(patterns: Iterable[str]) -> list[str]:
     """Expand ``@FILE`` items (one glob per line, ``#`` comments) into globs."""
     out: list[str] = []
     for item in patterns:
         if item.startswith("@"):
+            where = display(item[1:])
             try:
-                lines = Path(item[1:]).read_text("utf-8").splitlines()
-            except OSError as exc:
-                raise IntegrityError(f"cannot read allow file {item[1:]}: {exc.strerror}") from exc
-            out.extend(s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#"))
+                lines = read_text_capped(item[1:], CONFIG_CAP, "allow file").splitlines()
+            except InputError as exc:
+                raise IntegrityError(str(exc)) from exc
+            for number, line in enumerate(lines, 1):
+                glob = line.strip()
+                if glob and not glob.startswith("#"):
+                    out.append(_glob(glob, f"{where}: line {number}"))
         else:
-            out.append(item)
+            out.append(_glob(item, "--allow"))
     return out
+
+
+def _glob(pattern: str, where: str) -> str:
+    if len(pattern) > GLOB_CAP:
+        raise IntegrityError(f"{where}: glob of {len(pattern)} characters (at most {GLOB_CAP})")
+    return pattern
 
 
 def split_allowed(
@@ -189,6 +207,11 @@ def seal(
     """
     if not paths and not packages and not all_packages:
         raise IntegrityError("nothing to seal: give paths, --packages or --all-packages")
+    # Everything that can be refused is refused before anything is hashed: the output
+    # (a device or FIFO is never replaced; a regular file is overwritten, as always),
+    # the key, the allow files.
+    check_output(output, force=True, what="manifest")
+    private = signing.load_private(key)
     sites = _sites(site_packages)
     patterns = read_allow(allow)
     dists = installed(sites)
@@ -211,7 +234,7 @@ def seal(
         workers=workers,
         progress=progress,
     )
-    return _manifest.write(output, body, os.fspath(key))
+    return _manifest.write(output, body, private)
 
 
 def _dedupe(drift: Iterable[Drift]) -> list[Drift]:

@@ -168,6 +168,10 @@ class Certificate:
             )
             parse_time(cert.not_before)
             parse_time(cert.not_after)
+        except RecursionError as exc:
+            raise LedgerError(
+                f"entry {entry.seq}: malformed run certificate (nested too deeply)"
+            ) from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise LedgerError(f"entry {entry.seq}: malformed run certificate ({exc})") from exc
         owner = cert.owner_public()

@@ -105,6 +105,11 @@ class Entry:
     hash: str
     signature: str
     key_id: str
+    #: set by a backend for a stored row that does not hold what the format says (text
+    #: that is not UTF-8, a blob or number where text belongs, a non-integer seq, a
+    #: missing column): what is wrong with it. The other fields are then a best-effort
+    #: reading; the verifier reports the entry as edited.
+    defect: str | None = None
 
     @property
     def payload(self) -> Any:
@@ -131,13 +136,15 @@ class Entry:
     def to_dict(self) -> dict[str, Any]:
         try:
             payload: Any = self.payload
-        except ValueError:
+            # a payload nested too deep to print is shown as its stored text
+            json.dumps(payload)
+        except (ValueError, RecursionError):
             payload = self.payload_json
         try:
             actor: Any = asdict(self.actor)
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             actor = self.actor_json
-        return {
+        shown = {
             "seq": self.seq,
             "time": self.time,
             "kind": self.kind,
@@ -148,6 +155,9 @@ class Entry:
             "signature": self.signature,
             "key_id": self.key_id,
         }
+        if self.defect is not None:
+            shown["defect"] = self.defect
+        return shown
 
 
 @dataclass(frozen=True)
@@ -267,12 +277,20 @@ class LedgerBackend(ABC):
     name: str
 
     @abstractmethod
-    def append(self, build: Callable[[Tail], Entry]) -> Entry:
-        """Atomically read the tail, store ``build(tail)``, commit; return the entry.
+    def append_all(
+        self, build: Callable[[Tail], list[Entry]], *, timeout: float | None = None
+    ) -> list[Entry]:
+        """Atomically read the tail, store the entries ``build(tail)`` returns, commit.
 
         Only one appender at a time (across processes and hosts) may be between the
-        read of the tail and the commit; the entry is durable when this returns.
+        read of the tail and the commit; the entries are durable when this returns.
+        Waits at most ``timeout`` seconds (the backend's own default when None) for
+        other appenders, then raises :class:`LedgerBusyError` having written nothing.
         """
+
+    def append(self, build: Callable[[Tail], Entry], *, timeout: float | None = None) -> Entry:
+        """:meth:`append_all` for one entry."""
+        return self.append_all(lambda tail: [build(tail)], timeout=timeout)[0]
 
     @abstractmethod
     def entries(self, kind: str | None = None) -> Iterator[Entry]:

@@ -27,6 +27,7 @@ from trainguard.ledger.interface import (
     COLUMNS,
     Entry,
     LedgerBackend,
+    LedgerBusyError,
     LedgerError,
     Tail,
 )
@@ -96,21 +97,34 @@ class PostgresBackend(LedgerBackend):
                     self._conn.execute(f"SELECT 1 FROM {TABLE} LIMIT 1")
         except psycopg.Error as exc:
             raise LedgerError(f"postgres ledger: {_first_line(exc)}") from exc
+        except ValueError as exc:  # the DSN itself: a host name idna cannot encode, ...
+            raise LedgerError(f"postgres ledger: bad connection string: {exc}") from exc
 
-    def append(self, build: Callable[[Tail], Entry]) -> Entry:
+    def append_all(
+        self, build: Callable[[Tail], list[Entry]], *, timeout: float | None = None
+    ) -> list[Entry]:
         with self._lock:
             try:
                 with self._conn.transaction():
+                    if timeout is not None:
+                        # bounds the wait for the advisory lock (SQLSTATE 55P03 when over)
+                        ms = max(1, int(timeout * 1000))
+                        self._conn.execute(f"SET LOCAL lock_timeout = {ms}")
                     self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._key,))
-                    entry = build(self._tail())
-                    self._conn.execute(
-                        f"INSERT INTO {TABLE} (run_id, {COLUMNS}) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        (self.run_id, *entry.row()),
-                    )
+                    entries = build(self._tail())
+                    for entry in entries:
+                        self._conn.execute(
+                            f"INSERT INTO {TABLE} (run_id, {COLUMNS}) "
+                            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                            (self.run_id, *entry.row()),
+                        )
             except self._psycopg.Error as exc:
+                if getattr(exc, "sqlstate", None) == "55P03":
+                    raise LedgerBusyError(
+                        f"postgres ledger: run {self.run_id} still locked after {timeout:g} s"
+                    ) from exc
                 raise LedgerError(f"postgres ledger: {_first_line(exc)}") from exc
-        return entry
+        return entries
 
     def _tail(self) -> Tail:
         row = self._conn.execute(

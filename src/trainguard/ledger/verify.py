@@ -11,16 +11,16 @@ chain alone cannot show: truncation of the tail and consistent rewrites.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from trainguard import _io
+from trainguard.errors import InputError
 from trainguard.integrity import signing
 from trainguard.ledger import chain
-from trainguard.ledger.core import open_backend
+from trainguard.ledger.core import head_from, open_backend
 from trainguard.ledger.interface import (
     CERTIFICATE_KIND,
     CLOSED_KIND,
@@ -40,12 +40,17 @@ PublicKeyLike = str | os.PathLike[str] | Ed25519PublicKey
 
 
 def read_head(path: str | os.PathLike[str]) -> SignedHead:
-    """Parse a head file written by ``trainguard ledger head`` (JSON, any spacing)."""
+    """Parse a head file written by ``trainguard ledger head`` (JSON, any spacing).
+
+    At most :data:`trainguard._io.HEAD_CAP` bytes, a regular file (a FIFO or device is
+    refused before it is read), JSON nested no deeper than ``_io.JSON_DEPTH``.
+    """
+    where = _io.display(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise HeadError(f"cannot read head file {path}: {exc}") from exc
-    return parse_head(data, str(path))
+        data = _io.parse_json(_io.read_text_capped(path, _io.HEAD_CAP, "head file"), where)
+    except InputError as exc:
+        raise HeadError(str(exc)) from exc
+    return parse_head(data, where)
 
 
 def parse_head(data: object, where: str = "head") -> SignedHead:
@@ -89,13 +94,48 @@ def verify(
     owner; without it (and without a head) a ledger forged from scratch under someone
     else's key is internally consistent, and the report's notes say so.
     """
+    parsed = [h if isinstance(h, SignedHead) else read_head(h) for h in heads]
+    owners = _owner_ids(owner_public_key)
+    entries, notes = read_entries(run_dir)
+    report = verify_entries(entries, heads=parsed, owner_keys=owners)
+    report.notes.extend(notes)
+    return report
+
+
+def read_entries(run_dir: str | os.PathLike[str]) -> tuple[list[Entry], list[str]]:
+    """Every entry of ``run_dir``'s ledger, read-only, and notes on how it was read."""
     store = open_backend(run_dir, readonly=True)
     try:
         entries = list(store.entries())
+        mode = getattr(store, "read_mode", None)
     finally:
         store.close()
-    parsed = [h if isinstance(h, SignedHead) else read_head(h) for h in heads]
-    return verify_entries(entries, heads=parsed, owner_keys=_owner_ids(owner_public_key))
+    notes = []
+    if mode == "snapshot":
+        notes.append(
+            "read from a private copy of ledger.db and its WAL: the run folder is read-only "
+            "and entries were still in the WAL (a run whose writer did not close it)"
+        )
+    return entries, notes
+
+
+def signed_head(run_dir: str | os.PathLike[str]) -> SignedHead:
+    """The head of ``run_dir``'s ledger, only once every entry reads and verifies.
+
+    The same reader as :func:`verify`. A head pins entries as the reference later
+    verifications compare with, so it is refused (HeadError) for a ledger that does
+    not verify (tampered, damaged rows, no certificate): it would pin the damage.
+    """
+    entries, _ = read_entries(run_dir)
+    report = verify_entries(entries)
+    problem = report.first_problem
+    if problem is not None:
+        raise HeadError(
+            f"{_io.display(run_dir)}: refusing to take the head of a tampered ledger: "
+            f"entry {problem.seq} ({problem.damage}): {problem.message}; "
+            "run `trainguard ledger verify` for the details"
+        )
+    return head_from(entries)
 
 
 def _owner_ids(keys: PublicKeyLike | Sequence[PublicKeyLike] | None) -> set[str] | None:
@@ -135,10 +175,14 @@ def verify_entries(
     run_key: Ed25519PublicKey | None = None
     after_close = False
     for entry in rows:
-        if entry.seq != expected:
+        if entry.seq < expected:
+            check.add(entry.seq, "edited", f"sequence number {entry.seq} appears more than once")
+        elif entry.seq != expected:
             missing = f"{expected}" if entry.seq == expected + 1 else f"{expected}-{entry.seq - 1}"
             check.add(expected, "deleted", f"entries {missing} are missing")
-        if chain.recompute(entry) != entry.hash:
+        if entry.defect is not None:
+            check.add(entry.seq, "edited", f"entry {entry.seq} is damaged: {entry.defect}")
+        elif chain.recompute(entry) != entry.hash:
             damage = _moved(entry, prev, where) or "edited"
             check.add(entry.seq, damage, _explain(entry, damage, where))
         elif entry.prev_hash != prev:
@@ -274,10 +318,35 @@ def _check_head(head: SignedHead, rows: list[Entry], check: _Checker) -> None:
         if head.key_id in (candidate.run_key_id, candidate.owner_key_id):
             cert = candidate
     if cert is None:
+        if check.report.problems:
+            # the certificates are damaged (already reported): the head cannot be checked,
+            # and the verdict is "tampered" without it
+            check.report.notes.append(
+                f"head {head.seq} not checked: no intact certificate names its key {head.key_id}"
+            )
+            return
         raise HeadError(f"head {head.seq} is signed by key {head.key_id}, unknown to this run")
     key = cert.owner_public() if head.key_id == cert.owner_key_id else cert.run_public()
-    if not signing.verify(key, chain.entry_message(head.hash), head.signature):
+    try:
+        message = chain.entry_message(head.hash)
+    except ValueError as exc:
+        raise HeadError(
+            f"head {head.seq}: its hash is not hexadecimal; not a genuine head"
+        ) from exc
+    if not signing.verify(key, message, head.signature):
         raise HeadError(f"head {head.seq}: its signature does not verify; not a genuine head")
+    # the signature covers the hash, and the hash the entry's seq: a head naming another seq
+    # for a hash in this ledger was edited
+    moved = next(
+        (
+            e.seq
+            for e in rows
+            if e.hash == head.hash and e.seq != head.seq and chain.recompute(e) == e.hash
+        ),
+        None,
+    )
+    if moved is not None:
+        raise HeadError(f"head {head.seq}: its hash is that of entry {moved}; the head was edited")
     index = _bisect(rows, head.seq)
     if index >= len(rows) or rows[index].seq != head.seq:
         last = rows[-1].seq

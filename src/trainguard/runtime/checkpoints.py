@@ -35,17 +35,23 @@ def save(guard: Guard, path: str | os.PathLike[str], **extra: Any) -> Any:
     from trainguard import checkpoint
 
     saved = None
+    failed: Error | None = None
     if guard.rank == 0:
-        saved = checkpoint.save(
-            path,
-            model=_unwrap(guard.model),
-            optimizer=guard.optimizer,
-            step=guard._step,
-            data_position={"step": guard._step},
-            extra=extra or None,
-            ledger=guard.ledger,
-        )
+        try:
+            saved = checkpoint.save(
+                path,
+                model=_unwrap(guard.model),
+                optimizer=guard.optimizer,
+                step=guard._step,
+                data_position={"step": guard._step},
+                extra=extra or None,
+                ledger=guard.ledger,
+            )
+        except Error as exc:  # a full disk, say: the other ranks wait in the barrier first
+            failed = exc
     _barrier(guard.group, guard.world)
+    if failed is not None:
+        raise failed
     return saved
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 
+from trainguard.artifacts.budget import BudgetExceeded
 from trainguard.artifacts.formats.numpy_files import NeedsWhole, analyse_npy
 from trainguard.artifacts.formats.pickles import PickleFormat, analyse_tail, const, itemsize_of
 from trainguard.artifacts.interface import Analysis, FormatError
@@ -83,10 +84,16 @@ def analyse_torch(
     referenced: set[str] = set()
     for member in pickles:
         try:
-            data = _pickle_bytes(buf, member, analysis)
-            view = memoryview(data)
-            result = analyse_pickle(view, 0, analysis, member=member.name, allow_persistent=True)
-            analyse_tail(view, result.end, analysis, member=member.name)
+            # the inflated member is held while its pickle is simulated
+            with analysis.budget.hold(member.size, "the pickle member", member=member.name):
+                data = _pickle_bytes(buf, member, analysis)
+                view = memoryview(data)
+                result = analyse_pickle(
+                    view, 0, analysis, member=member.name, allow_persistent=True
+                )
+                analyse_tail(view, result.end, analysis, member=member.name)
+                view.release()
+                del data
         except FormatError as exc:
             if exc.member is None:
                 exc.member = member.name
@@ -101,13 +108,13 @@ def analyse_torch(
             analyse_stray(buf, member, analysis)
 
 
-def _pickle_bytes(buf: memoryview, member: ZipMember, analysis: Analysis) -> bytes:
+def _pickle_bytes(buf: memoryview, member: ZipMember, analysis: Analysis) -> bytes | bytearray:
     """A pickle member's bytes; one that fails its CRC is still analysed (PyTorch's reader
     loads it, Python's zipfile refuses it), the mismatch itself being a finding."""
     try:
         return read_member(buf, member, limit=MAX_PICKLE_MEMBER)
     except FormatError as exc:
-        if "crc" not in str(exc):
+        if "crc-32" not in str(exc):
             raise
         analysis.add(
             Severity.HIGH,
@@ -163,7 +170,7 @@ def check_storages(
 def analyse_stray(buf: memoryview, member: ZipMember, analysis: Analysis) -> None:
     """A member torch.load never reads: noted, and analysed if it looks like a pickle,
     since other code may load it (a payload hidden beside the checkpoint)."""
-    head = member_prefix(buf, member, 16) if member.size else b""
+    head = member_prefix(buf, member, 16, analysis.budget.available) if member.size else b""
     if not PickleFormat().sniff(head, member.size):
         analysis.add(Severity.INFO, "zip", "member not read by torch.load", member=member.name)
         return
@@ -173,10 +180,13 @@ def analyse_stray(buf: memoryview, member: ZipMember, analysis: Analysis) -> Non
         "member not read by torch.load, yet it looks like a pickle",
         member=member.name,
     )
-    scratch = Analysis("stray")
+    scratch = Analysis("stray", budget=analysis.budget)
     try:
-        data = read_member(buf, member, limit=MAX_PICKLE_MEMBER)
-        analyse_tail(memoryview(data), 0, scratch, member=member.name)
+        with analysis.budget.hold(member.size, "the member", member=member.name):
+            data = read_member(buf, member, limit=MAX_PICKLE_MEMBER)
+            analyse_tail(memoryview(data), 0, scratch, member=member.name)
+    except BudgetExceeded as exc:
+        analysis.fail(exc)  # a possible pickle too large to check: not passed unread
     except FormatError:
         pass  # not a pickle after all: only what it would do, if it were, matters here
     analysis.findings.extend(
@@ -187,7 +197,7 @@ def analyse_stray(buf: memoryview, member: ZipMember, analysis: Analysis) -> Non
 def analyse_npz_member(buf: memoryview, member: ZipMember, analysis: Analysis) -> None:
     name = member.name
     try:
-        head = member_prefix(buf, member, NPY_HEADER_PREFIX)
+        head = member_prefix(buf, member, NPY_HEADER_PREFIX, analysis.budget.available)
         if not head.startswith(b"\x93NUMPY"):
             analysis.add(
                 Severity.LOW,
@@ -198,15 +208,21 @@ def analyse_npz_member(buf: memoryview, member: ZipMember, analysis: Analysis) -
             return
         analyse_npy(memoryview(head), analysis, member=name, size=member.size, full=False)
     except NeedsWhole:
-        data = read_member(buf, member, limit=MAX_PICKLE_MEMBER)
-        analyse_npy(memoryview(data), analysis, member=name, size=len(data), full=True)
+        try:
+            with analysis.budget.hold(member.size, "the object array", member=name):
+                data = read_member(buf, member, limit=MAX_PICKLE_MEMBER)
+                analyse_npy(memoryview(data), analysis, member=name, size=len(data), full=True)
+        except FormatError as exc:
+            if exc.member is None:
+                exc.member = name
+            analysis.fail(exc)
     except FormatError as exc:
         if exc.member is None:
             exc.member = name
         analysis.fail(exc)
 
 
-def member_prefix(buf: memoryview, member: ZipMember, n: int) -> bytes:
+def member_prefix(buf: memoryview, member: ZipMember, n: int, limit: int) -> bytes:
     """The first ``n`` uncompressed bytes of a member, without inflating the rest."""
     if member.method == 0:
         end = min(member.data_offset + member.compressed_size, member.data_offset + n)
@@ -219,7 +235,8 @@ def member_prefix(buf: memoryview, member: ZipMember, n: int) -> bytes:
             return zlib.decompressobj(-15).decompress(raw, n)
         except zlib.error as exc:
             raise FormatError(f"corrupt deflate data: {exc}", member=member.name) from exc
-    return read_member(buf, member, limit=MAX_PICKLE_MEMBER)[:n]
+    # bz2 and lzma members are inflated whole, within what the memory budget leaves
+    return bytes(read_member(buf, member, limit=limit)[:n])
 
 
 def has_trailing_zip(buf: memoryview) -> bool:

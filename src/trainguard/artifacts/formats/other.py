@@ -39,8 +39,17 @@ class _View(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
+    def read(self, size: int | None = -1) -> bytes:
+        # RawIOBase.read allocates ``size`` bytes before reading: a tar header declaring a
+        # gigabyte of pax data must cost what the file holds, not what it claims
+        left = max(0, len(self.buf) - self.pos)
+        n = left if size is None or size < 0 else min(size, left)
+        data = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return data
+
     def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = min(len(target), len(self.buf) - self.pos)
+        n = max(0, min(len(target), len(self.buf) - self.pos))
         target[:n] = self.buf[self.pos : self.pos + n]
         self.pos += n
         return n

@@ -13,6 +13,7 @@ import lzma
 import zlib
 from collections.abc import Callable
 
+from trainguard.artifacts.budget import BudgetExceeded
 from trainguard.artifacts.interface import Analysis, FormatError
 from trainguard.artifacts.pickle_analysis import (
     BuildHook,
@@ -177,7 +178,8 @@ def joblib_hook(buf: memoryview, analysis: Analysis, member: str | None) -> Buil
         shape = state.get("shape")
         if not (isinstance(dtype, Made) and isinstance(shape, Container)):
             raise FormatError("joblib array wrapper without dtype and shape", member=member)
-        descr = const(dtype.args.items[0]) if isinstance(dtype.args, Container) else None
+        args = dtype.args.items if isinstance(dtype.args, Container) else []
+        descr = const(args[0]) if args else None
         dstate = dtype.state.items if isinstance(dtype.state, Container) else []
         flags = const(dstate[7]) if len(dstate) > 7 else 0
         if not isinstance(descr, str):
@@ -248,13 +250,17 @@ class CompressedPickleFormat:
         found = self._codec(bytes(buf[:16]))
         assert found is not None
         codec, make = found
-        data = decompress_bounded(buf, make(), codec)
+        limit = min(MAX_DECOMPRESSED, analysis.budget.available)
+        data = decompress_bounded(buf, make(), codec, limit)
         analysis.format = f"joblib ({codec})"
-        analyse_stream(memoryview(data), analysis, member=f"<{codec} stream>")
+        with analysis.budget.hold(len(data), f"the decompressed {codec} stream"):
+            analyse_stream(memoryview(data), analysis, member=f"<{codec} stream>")
 
 
-def decompress_bounded(buf: memoryview, engine: object, codec: str) -> bytes:
-    """Decompress with a hard cap on the output size."""
+def decompress_bounded(
+    buf: memoryview, engine: object, codec: str, limit: int = MAX_DECOMPRESSED
+) -> bytearray:
+    """Decompress with a hard cap (``limit`` bytes: the memory budget) on the output size."""
     out = bytearray()
     step = 1 << 20
     pos = 0
@@ -263,14 +269,15 @@ def decompress_bounded(buf: memoryview, engine: object, codec: str) -> bytes:
         while pos < len(buf) and not getattr(engine, "eof", False):
             chunk = bytes(buf[pos : pos + step])
             pos += len(chunk)
-            out += decompress(chunk, MAX_DECOMPRESSED + 1 - len(out))
-            if len(out) > MAX_DECOMPRESSED:
-                raise FormatError(f"{codec} stream inflates past {MAX_DECOMPRESSED} bytes")
+            out += decompress(chunk, limit + 1 - len(out))
             tail = getattr(engine, "unconsumed_tail", b"")
-            if tail:
-                raise FormatError(f"{codec} stream inflates past {MAX_DECOMPRESSED} bytes")
+            if len(out) > limit or tail:
+                raise BudgetExceeded(
+                    f"{codec} stream inflates past {limit} bytes, what the memory budget "
+                    "leaves (--max-memory)"
+                )
     except (zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
         raise FormatError(f"corrupt {codec} stream: {exc}") from exc
     if not getattr(engine, "eof", True):
         raise FormatError(f"truncated {codec} stream")
-    return bytes(out)
+    return out
