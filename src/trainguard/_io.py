@@ -190,6 +190,14 @@ def check_output(
     return out
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (os.write may write less) and fsync it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def write_atomic(
     path: str | os.PathLike[str],
     write: Callable[[str], None] | bytes,
@@ -214,10 +222,7 @@ def write_atomic(
             if mode is not None:
                 os.fchmod(fd, mode)
             if isinstance(write, bytes):
-                view = memoryview(write)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                write_all(fd, write)
         finally:
             os.close(fd)
         if not isinstance(write, bytes):

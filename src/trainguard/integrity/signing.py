@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from trainguard._io import KEY_CAP, display, read_capped, reason
+from trainguard._io import KEY_CAP, display, read_capped, reason, write_all
 from trainguard.errors import InputError
 from trainguard.integrity.interface import KeyFileError
 
@@ -79,10 +79,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have removed bits; set exactly what we mean
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            write_all(fd, data)
         finally:
             os.close(fd)
     except OSError as exc:

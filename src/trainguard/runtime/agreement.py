@@ -58,6 +58,9 @@ PARAMS_WRITTEN = 16
 DATA_ALTERED = 32
 AUDIT_EVENT = 64
 GRADS_ALTERED = 128
+#: the rank's guard could not compute its row (a fault of its own, reported by that rank):
+#: its values are unknown, not different, and are compared with nothing
+GUARD_FAILED = 256
 
 #: which evidence explains a disagreement on which field
 EVIDENCE = {
@@ -171,8 +174,23 @@ def shared_at_start(table: torch.Tensor) -> frozenset[str]:
 
 def compare(step: int, table: torch.Tensor, fields: frozenset[str] | None = None) -> list[Alert]:
     """Alerts for every field on which the ranks disagree, naming the odd rank only when
-    a majority or its own evidence proves it."""
+    a majority or its own evidence proves it. A row whose guard failed to compute it
+    (``GUARD_FAILED``) takes the other rows' values: it proves nothing either way."""
     rows = table.tolist()
+    known = [row for row in rows if not row[INDEX["flags"]] & GUARD_FAILED]
+    if not known:
+        return []
+    if len(known) < len(rows):
+        stand_in = known[0]
+        rows = [
+            row
+            if not row[INDEX["flags"]] & GUARD_FAILED
+            else [
+                stand_in[i] if name in MUST_AGREE or name == "lr0" else row[i]
+                for i, name in enumerate(FIELDS)
+            ]
+            for row in rows
+        ]
     alerts: list[Alert] = []
     for name, meaning in MUST_AGREE.items():
         if fields is not None and name not in fields:

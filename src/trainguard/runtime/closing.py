@@ -6,24 +6,33 @@ the peers in a barrier; an end by a signal, Ctrl-C or a crash waits at most a fe
 for the peers' closing entries in the ledger instead (they may never reach a collective
 again), and leaves the run open — which ``ledger verify`` reports — rather than hang.
 A peer on this host whose process is gone without its closing entry is an alert.
+
+Closing always finishes: every step that can run does (sensors stopped, hooks removed,
+signal handlers restored, the ledger closed), whatever happened to the run folder (deleted,
+read-only, full). What could not be done is logged, one warning line each, and kept in
+``guard.close_problems``; nothing is raised for it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import socket
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from trainguard.errors import Error, Severity
+from trainguard.errors import Severity
 from trainguard.runtime.interface import Alert, GuardHalt
 from trainguard.runtime.liveness import pid_alive
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from trainguard.runtime.guard import Guard
+
+_log = logging.getLogger("trainguard.runtime")
 
 
 def close(guard: Guard, error: BaseException | None = None) -> None:
@@ -35,11 +44,19 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
         guard._closed = True
     if error is None:
         error = sys.exc_info()[1]  # closed from a `finally` while an error propagates
-    with contextlib.suppress(Exception):
-        guard._drain()  # the steps since the last check
-    with contextlib.suppress(Exception):
-        report_gone_peers(guard)  # a peer killed mid-run shows up as a failed collective
-    # a Guard stopped during its start (Ctrl-C) has only some of its parts
+
+    def attempt(what: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except Exception as exc:
+            problem(guard, what, exc)
+
+    if getattr(guard, "_pending", None) is not None:
+        attempt("reading the last steps", guard._drain)  # the steps since the last check
+    if guard.ledger is not None:
+        attempt("looking for peers that are gone", lambda: report_gone_peers(guard))
+        attempt("checking the ledger", guard._watch_ledger)
+    # a Guard stopped during its start (Ctrl-C, a failure) has only some of its parts
     parts = (
         ("watchdog", "stop"),
         ("audit", "close"),
@@ -50,40 +67,65 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
     for name, stop in parts:
         part = getattr(guard, name, None)
         if part is not None:
-            getattr(part, stop)()
+            attempt(f"stopping the {name} sensor", getattr(part, stop))
     for handle in getattr(guard, "_hook_handles", ()):
-        handle.remove()
+        attempt("removing the optimizer hooks", handle.remove)
+    attempt("restoring the signal handlers", guard.signals.close)
     if error is not None and not isinstance(error, GuardHalt):
-        report_failure(guard, error)
-    write_alerts_file(guard)
+        attempt("recording the failure", lambda: report_failure(guard, error))
+    attempt("writing the alerts file", lambda: write_alerts_file(guard))
     healthy = error is None or isinstance(error, GuardHalt)
+    if guard.ledger is None:
+        return
+    if guard._ledger_lost:
+        problem(guard, "writing the closing entries", "the run's ledger is gone (see the alert)")
+    payload = closing_payload(guard, error)
+    append_once(guard, "rank", "rank.closed", payload)
+    ended = False
     try:
-        if guard.ledger is not None:
-            payload = closing_payload(guard, error)
-            append_once(guard, "rank", "rank.closed", payload)
-            if not healthy:
-                # Ctrl-C, the job's own handler exiting, a crash: the peers may be
-                # stopping too and never reach a collective again; their entries are
-                # enough, and a run whose ranks all ended is closed
-                ended = peers_closed(guard)
-            else:
-                ended = settled_barrier(guard.group, guard.world, healthy=healthy)
-            if ended and guard.rank == 0:
-                append_once(guard, "run", "run.closed", payload)
-    finally:
-        guard.signals.close()
-        if guard.ledger is not None:
-            guard.ledger.close()
+        if not healthy:
+            # Ctrl-C, the job's own handler exiting, a crash: the peers may be stopping
+            # too and never reach a collective again; their entries are enough, and a
+            # run whose ranks all ended is closed
+            ended = peers_closed(guard)
+        else:
+            ended = settled_barrier(guard.group, guard.world, healthy=healthy)
+    except Exception as exc:
+        problem(guard, "waiting for the other ranks' closing entries", exc)
+    if ended and guard.rank == 0:
+        append_once(guard, "run", "run.closed", payload)
+    attempt("closing the ledger", guard.ledger.close)
+
+
+def problem(guard: Guard, what: str, exc: BaseException | str) -> None:
+    """Something closing could not do: one warning line, kept in ``close_problems``."""
+    if isinstance(exc, BaseException):
+        from trainguard.runtime.guard import _describe
+
+        reason = _describe(exc)
+    else:
+        reason = exc
+    line = " ".join(f"{what}: {reason}".split())
+    guard.close_problems.append(line)
+    _log.warning("trainguard: rank %s could not finish closing the run: %s", guard.rank, line)
 
 
 def close_before_death(guard: Guard) -> None:
     """The signal's default action is about to end the process: write what close()
     would, except that it waits on no collective (the peers are dying too) and leaves
     the sensors alone (the main thread may still be running through them)."""
-    write_alerts_file(guard)
+    try:
+        write_alerts_file(guard)
+    except Exception as exc:
+        problem(guard, "writing the alerts file", exc)
     payload = closing_payload(guard, None)
     append_once(guard, "rank", "rank.closed", payload)
-    if guard.rank == 0 and peers_closed(guard):
+    try:
+        ended = guard.rank == 0 and peers_closed(guard)
+    except Exception as exc:
+        problem(guard, "waiting for the other ranks' closing entries", exc)
+        ended = False
+    if ended:
         append_once(guard, "run", "run.closed", payload)
 
 
@@ -114,15 +156,16 @@ def append_once(guard: Guard, what: str, kind: str, payload: dict[str, Any]) -> 
             guard.ledger.close_run(payload)
         else:
             guard.ledger.append(kind, payload, rank=guard.rank)
-    except Error as exc:
-        sys.stderr.write(f"trainguard: cannot write {kind} to the ledger: {exc}\n")
+    except Exception as exc:
+        # (closing the run also deletes the run key: the entry may be written and the key
+        # left behind in a read-only folder)
+        problem(guard, f"writing {kind} to the ledger", exc)
 
 
 def write_alerts_file(guard: Guard) -> None:
-    with contextlib.suppress(OSError):
-        (guard.run_dir / f"alerts-rank{guard.rank}.json").write_text(
-            json.dumps([a.to_dict() for a in guard.alerts], indent=1, default=str)
-        )
+    (guard.run_dir / f"alerts-rank{guard.rank}.json").write_text(
+        json.dumps([a.to_dict() for a in guard.alerts], indent=1, default=str)
+    )
 
 
 def peers_closed(guard: Guard, within: float = 3.0) -> bool:

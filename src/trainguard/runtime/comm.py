@@ -56,6 +56,9 @@ class CommTimer:
         self.in_backward = True  # between a step's start and its optimizer.step
         self.params: Sequence[Any] = ()
         self._reduced: dict[tuple[int, int], tuple[int, Any]] = {}
+        #: called with (where, error) when the wrappers' own bookkeeping fails: the
+        #: collective itself is the job's and is never held up or changed by it
+        self.on_fault: Callable[[str, BaseException], None] = lambda where, exc: None
         self.active = dist.is_available() and dist.is_initialized()
         if not self.active:
             return
@@ -80,10 +83,7 @@ class CommTimer:
         def timed(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             work = original(*args, **kwargs)
-            if work is not None and hasattr(work, "get_future"):
-                work.get_future().then(lambda fut: self._done(started, None))
-            else:
-                self._done(started, None)
+            self._after(work, started, None)
             return work
 
         timed.__wrapped__ = original  # type: ignore[attr-defined]
@@ -100,22 +100,37 @@ class CommTimer:
 
     def _all_reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
-        sample = self.in_backward and self.sample_now() and self._is_gradient(tensor)
+        try:
+            sample = self.in_backward and self.sample_now() and self._is_gradient(tensor)
+        except Exception as exc:
+            sample = False
+            self.on_fault("the all-reduce sensor", exc)
         work = self._original(tensor, *args, **kwargs)
-        if work is None:
-            self._done(started, tensor if sample else None)
-            return work
-        work.get_future().then(lambda fut: self._done(started, tensor if sample else None))
+        self._after(work, started, tensor if sample else None)
         return work
 
+    def _after(self, work: Any, started: float, reduced: Any) -> None:
+        """Book the collective's time (and result) when it completes; never raises."""
+        try:
+            if work is not None and hasattr(work, "get_future"):
+                work.get_future().then(lambda fut: self._done(started, reduced))
+            else:
+                self._done(started, reduced)
+        except Exception as exc:
+            self.on_fault("the all-reduce sensor", exc)
+
     def _done(self, started: float, reduced: Any) -> None:
-        waited = time.perf_counter() - started
-        sums = moments(reduced) if reduced is not None else None
-        with self._lock:
-            self._wait += waited
-            if sums is not None:
-                # the latest result per buffer: accumulation reduces the same buckets again
-                self._reduced[(reduced.data_ptr(), reduced.numel())] = (reduced.numel(), sums)
+        try:
+            waited = time.perf_counter() - started
+            sums = moments(reduced) if reduced is not None else None
+            with self._lock:
+                self._wait += waited
+                if sums is not None:
+                    # the latest result per buffer: accumulation reduces the same buckets again
+                    key = (reduced.data_ptr(), reduced.numel())
+                    self._reduced[key] = (reduced.numel(), sums)
+        except Exception as exc:
+            self.on_fault("the all-reduce sensor", exc)
 
     def grads_changed(self, params: Sequence[Any]) -> str | None:
         """On a sampled step: are the gradients about to be used what the all-reduces

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import operator
 import os
 import socket
@@ -66,6 +67,7 @@ from trainguard.runtime.sensors import AuditSensor, HookWatch, PatchWatch, SeedW
 from trainguard.runtime.startup import open_ledger, startup_line, verify_start
 
 _VERSION = operator.attrgetter("_version")
+_log = logging.getLogger("trainguard.runtime")
 
 #: the optimizer state joins the fingerprint at every this many checks
 STATE_EVERY = 4
@@ -113,7 +115,8 @@ class Guard:
         # accelerate's and Lightning's wrappers delegate to the optimizer that steps
         self.optimizer = unwrap_optimizer(optimizer)
         optimizer = self.optimizer
-        self.run_dir = Path(run_dir)
+        # absolute: the job may change its working folder during training
+        self.run_dir = Path(os.path.abspath(run_dir))
         self.every = every
         self.policy = policy
         self.halt_at = halt_at
@@ -127,6 +130,12 @@ class Guard:
         self._flags = 0
         self._pending_severity = 0
         self._closed = False
+        #: what close() could not do or write, one line each (it never raises for them)
+        self.close_problems: list[str] = []
+        #: the guard's own failures so far, by place and kind of error: how often each
+        self.faults: dict[str, int] = {}
+        self._ledger_id: tuple[int, int] | None = None
+        self._ledger_lost = False
         self._notify = Notifier(hook)
         self._stream = self.run_dir / f"alerts-rank{self.rank}.jsonl"
         # from here on a signal (Ctrl-C, torchrun's SIGTERM) can end the start anywhere:
@@ -140,6 +149,7 @@ class Guard:
         try:
             self.ledger = open_ledger(self.run_dir, self.rank, self.world, owner_key)
             self._notify.run_id = self.ledger.run_id
+            self._ledger_id = self._ledger_identity()
             self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
             # once per host: the first rank there verifies, the others wait for its result
             env_alerts, env_summary = verify_start(
@@ -191,24 +201,29 @@ class Guard:
             self._seed = seed
             # seeding before the guard starts is the job's own; the seed in force now is the
             # baseline (ranks often seed differently: seed + rank)
+            self.provenance.on_fault = self._sensor_failed
             self.seeds = SeedWatch(
                 lambda e: self._event(e, agreement.RESEEDED),
                 torch.initial_seed(),
                 self.provenance.of_stack,
             )
+            self.seeds.on_fault = self._sensor_failed
             self._install_optimizer_hooks()
             # before the patch snapshot: the guard observes dist.all_reduce itself
             self.comm = CommTimer(model, lambda: (self._step + 1) % self.every == 0)
             self.comm.params = self._params
+            self.comm.on_fault = self._sensor_failed
             self.patches = PatchWatch((type(model), type(optimizer)))
             self.hooks = HookWatch(model, optimizer)
             self.audit = AuditSensor(
                 lambda e: self._event(e, agreement.AUDIT_EVENT), self.provenance
             )
             self.audit.block = policy == "halt"
+            self.audit.on_fault = self._sensor_failed
             for sensor in (self.audit, self.seeds):
                 arm(sensor)
             self.watchdog = Watchdog(hang_timeout, self._on_hang)
+            self.watchdog.on_fault = self._sensor_failed
             self._straggler = agreement.Straggler()
             self._compared: frozenset[str] = frozenset(agreement.MUST_AGREE)
             self._diverged: set[str] = set()
@@ -226,13 +241,17 @@ class Guard:
                     self._raise(alert)
             self._settle(start=True)
         except BaseException as exc:
-            # refused, or interrupted (Ctrl-C) at start: close what was opened, then let it
+            # refused, or interrupted (Ctrl-C) at start: close what was opened (close()
+            # removes every part that was installed and never raises), then let it
             # propagate; nothing of the guard may outlive it (its audit hook blocks)
             self.close(exc)
+            if isinstance(exc, Exception) and not isinstance(exc, Error):
+                raise GuardError(f"cannot start the guard: {_describe(exc)}") from exc
             raise
-        sys.stderr.write(
-            startup_line(self.ledger.run_id, self.rank, self.world, env_summary, every) + "\n"
-        )
+        with contextlib.suppress(Exception):  # a closed stderr is no reason to stop
+            sys.stderr.write(
+                startup_line(self.ledger.run_id, self.rank, self.world, env_summary, every) + "\n"
+            )
 
     # --- hooks around optimizer.step -----------------------------------------------
 
@@ -247,32 +266,43 @@ class Guard:
         self._params = list(self.model.parameters())
         self._writes = WriteWatch(self._params)
 
+        # both hooks run inside the job's optimizer.step: a failure of theirs is the
+        # guard's, reported, and never raised into the step (but GuardHalt, under "halt")
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
             entered = time.perf_counter()
             self._done = False
-            self._lr_used = learning_rates(opt)
-            if self._scheduler is not None:
-                self._lr_expected = self._scheduler.expected()
-            self.comm.in_backward = False
-            altered = self.comm.grads_changed(self._params) if self.comm.active else None
-            if altered:
-                self._event(
-                    {"event": "grads-altered", "detail": f"after the all-reduce: {altered}"},
-                    agreement.GRADS_ALTERED,
-                )
-            self._writes.before_step()
-            if self._versions_after is not None and self._versions() != self._versions_after:
-                self._versions_after = None
-                self._params_written("an in-place operation")
-            self.overhead_seconds += time.perf_counter() - entered
+            try:
+                self._lr_used = learning_rates(opt)
+                if self._scheduler is not None:
+                    self._lr_expected = self._scheduler.expected()
+                self.comm.in_backward = False
+                altered = self.comm.grads_changed(self._params) if self.comm.active else None
+                if altered:
+                    self._event(
+                        {"event": "grads-altered", "detail": f"after the all-reduce: {altered}"},
+                        agreement.GRADS_ALTERED,
+                    )
+                self._writes.before_step()
+                if self._versions_after is not None and self._versions() != self._versions_after:
+                    self._versions_after = None
+                    self._params_written("an in-place operation")
+            except Exception as exc:
+                self._guard_failed(exc, "the optimizer pre-step hook")
+            finally:
+                self.overhead_seconds += time.perf_counter() - entered
 
         def post(opt: Any, args: Any, kwargs: Any) -> None:
             entered = time.perf_counter()
             self._done = True
-            self._versions_after = self._versions()
-            self._writes.after_step()
-            self._opt_end = time.perf_counter()
-            self.overhead_seconds += self._opt_end - entered
+            try:
+                self._versions_after = self._versions()
+                self._writes.after_step()
+            except Exception as exc:
+                self._versions_after = None
+                self._guard_failed(exc, "the optimizer post-step hook")
+            finally:
+                self._opt_end = time.perf_counter()
+                self.overhead_seconds += self._opt_end - entered
 
         self._hook_handles = [
             self.optimizer.register_step_pre_hook(pre),
@@ -364,8 +394,7 @@ class Guard:
         seen = self._recorded.get(key, 0)
         self._recorded[key] = seen + 1
         if seen == 0:
-            with contextlib.suppress(Error):
-                self.ledger.append("sensor.event", event, rank=self.rank)
+            self._write("sensor.event", event)
 
     def _attributed(self, detector: str, change: str, by: Attribution) -> None:
         """A change seen at a check (a hook, a patch): recorded when trusted code made it."""
@@ -381,17 +410,77 @@ class Guard:
         )
 
     def _raise(self, alert: Alert) -> None:
+        """An alert to every sink. Each sink may fail on its own (a closed stderr, a
+        deleted or full run folder, a broken ledger): the others still get the alert,
+        the failure is one of the guard's own, and nothing is raised to the caller."""
         self.alerts.append(alert)
-        sys.stderr.write(alert.line() + "\n")
-        # one line per alert as it happens: a rank that is killed never reaches close()
-        with contextlib.suppress(OSError), open(self._stream, "a") as stream:
-            stream.write(json.dumps(alert.to_dict(), default=str) + "\n")
-        try:
-            self.ledger.append("alert", alert.to_dict(), rank=self.rank)
-        except Error as exc:
-            sys.stderr.write(f"trainguard: cannot record the alert in the ledger: {exc}\n")
-        self._notify.send(alert)
         self._hold_for_halt(alert)
+        try:
+            sys.stderr.write(alert.line() + "\n")
+        except Exception as exc:
+            self._guard_failed(exc, "writing to stderr", may_halt=False)
+        # one line per alert as it happens: a rank that is killed never reaches close()
+        try:
+            with open(self._stream, "a") as stream:
+                stream.write(json.dumps(alert.to_dict(), default=str) + "\n")
+        except Exception as exc:
+            self._guard_failed(exc, "writing the alerts file", may_halt=False)
+        self._write("alert", alert.to_dict())
+        try:
+            self._notify.send(alert)
+        except Exception as exc:
+            self._guard_failed(exc, "starting the alert hook", may_halt=False)
+
+    def _write(self, kind: str, payload: dict[str, Any]) -> None:
+        """One ledger entry, never stalling the step: when another process holds the
+        ledger's write lock the entry is queued (the ledger writes it, with its delay, at
+        the next write, a flush or close). A failure to write it is one of the guard's own
+        (once closed, only logged: the run's record is complete or close() says what is
+        missing)."""
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.try_append(kind, payload, rank=self.rank)
+        except Exception as exc:
+            if self._closed:
+                _log.warning("trainguard: cannot write %s to the ledger: %s", kind, _describe(exc))
+            else:
+                self._guard_failed(exc, "writing the ledger", may_halt=False)
+
+    def _guard_failed(self, exc: BaseException, where: str, *, may_halt: bool = True) -> None:
+        """A failure of the guard's own code, never the job's: an alert from detector
+        ``guard`` and a ``guard.error`` entry, once per place and kind of error (repeats
+        are counted in :attr:`faults`). Under policy "alert" training goes on. Under
+        "halt" the run halts with GuardHalt: at once where the guard may raise into the
+        loop (``may_halt``: its step and optimizer hooks) in a single process, else at the
+        next check, every rank together. Raises nothing else."""
+        key = f"{where}: {type(exc).__name__}"
+        seen = self.faults.get(key, 0)
+        self.faults[key] = seen + 1
+        severity = Severity.HIGH
+        if self.policy == "halt":
+            severity = max(severity, self.halt_at)
+        if seen == 0:
+            # marked before reporting: a sink that fails while reporting this is counted
+            # under its own key once, and reporting ends
+            then = "training halts" if self.policy == "halt" else "training continues"
+            text = f"the guard failed in {where} ({then}): {_describe(exc)}"
+            details = {"where": where, "error": _describe(exc)}
+            self._raise(Alert(self.at, self.rank, "guard", severity, text, details))
+            if where != "writing the ledger":
+                self._write("guard.error", details)
+        else:
+            self._pending_severity = max(self._pending_severity, int(severity))
+        if may_halt and self.policy == "halt" and self.world == 1:
+            self._settle()
+
+    def _sensor_failed(self, where: str, exc: BaseException) -> None:
+        """What a sensor calls when its own code fails where it runs for the job (a
+        wrapper, an audit hook, a thread): reported, never raised."""
+        try:
+            self._guard_failed(exc, where, may_halt=False)
+        except Exception as inner:  # the last resort: one log line
+            _log.warning("trainguard: %s failed: %s", where, _describe(inner))
 
     def _hold_for_halt(self, alert: Alert) -> None:
         """An alert of halt_at severity or more halts every rank at the next settle."""
@@ -450,23 +539,31 @@ class Guard:
             raise GuardError("step() after close()")
         now = time.perf_counter()
         entered = now
-        self.watchdog.beat()
+        # each part on its own: a failure of the local checks must not skip the check,
+        # whose collective every rank enters at the same step
         try:
+            self.watchdog.beat()
             self._local_checks(loss, grad_norm, now)
+        except Exception as exc:
+            self._guard_failed(exc, "the step's checks", may_halt=False)
+        try:
             if (self._step + 1) % self.every == 0:
                 self._check()
             self._settle()
         except GuardHalt:
             raise
         except Exception as exc:
-            self._guard_failed(exc)
+            self._guard_failed(exc, "the check")
         finally:
             self._step += 1
             self._done = False
-            self.comm.discard()  # results of a step whose optimizer.step was skipped
-            self.comm.take_wait()  # the check's own collectives are not the job's waiting
-            self.comm.in_backward = True
             self._stepped = True
+            try:
+                self.comm.discard()  # results of a step whose optimizer.step was skipped
+                self.comm.take_wait()  # the check's own collectives are not the job's waiting
+                self.comm.in_backward = True
+            except Exception as exc:
+                self._guard_failed(exc, "the step's bookkeeping", may_halt=False)
             self._last_end = time.perf_counter()
             self.overhead_seconds += self._last_end - entered
 
@@ -529,30 +626,23 @@ class Guard:
                 self._raise(alert)
 
     def _check(self) -> None:
-        self._drain()
-        for change, replacement in self.patches.changes():
-            by = self.provenance.of_callable(replacement)
-            if by.origin is Origin.MACHINERY:
-                # torch's own code under another watched name is no job's doing
-                by = Attribution(Origin.UNKNOWN, by.where)
-            self._attributed("monkeypatch", change, by)
-        for kind, hook in self.hooks.changes():
-            by = self.provenance.of_callable(hook)
-            if by.origin is Origin.MACHINERY and not _stateful(hook):
-                # a bare torch or standard-library function as a hook (torch.nn.init.zeros_
-                # on a gradient, a functools wrapper around something else) says nothing
-                # about who registered it; torch's own hook objects (weight and spectral
-                # norm) are torch's doing
-                by = Attribution(Origin.UNKNOWN, by.where)
-            self._attributed("hooks", f"a new {kind} registered after start", by)
-        self._sensors_intact()
-        if self._writes.written() and not self._flags & agreement.PARAMS_WRITTEN:
-            self._params_written("their values or storage")
-        reseeded = self.seeds.initial_seed_changed()
-        if reseeded:
-            self._event({"event": "reseed", "detail": reseeded}, agreement.RESEEDED)
-            self.seeds.seed = torch.initial_seed()
-        table = agreement.gather(self._row(), self.group)
+        # every part on its own, so that one failing leaves the others running; the
+        # collective below is entered whatever happened here (the peers are in it)
+        parts = (
+            ("the dynamics detectors", self._drain),
+            ("the patch sensor", self._check_patches),
+            ("the hook sensor", self._check_hooks),
+            ("the sensors' self-check", self._sensors_intact),
+            ("the parameter write sensor", self._check_writes),
+            ("the seed sensor", self._check_seed),
+            ("the ledger watch", self._watch_ledger),
+        )
+        for where, part in parts:
+            try:
+                part()
+            except Exception as exc:  # noqa: PERF203 - each part on its own
+                self._guard_failed(exc, where, may_halt=False)
+        table = agreement.gather(self._fingerprint(), self.group)
         for alert in agreement.compare(self.at, table, self._compared):
             key = str(alert.details.get("field"))
             if key in self._diverged:
@@ -574,6 +664,108 @@ class Guard:
         self._table = table
         self._flags = 0
         self._busy_window.clear()
+
+    def _check_patches(self) -> None:
+        for change, replacement in self.patches.changes():
+            by = self._attribution(replacement)
+            if by.origin is Origin.MACHINERY:
+                # torch's own code under another watched name is no job's doing
+                by = Attribution(Origin.UNKNOWN, by.where)
+            self._attributed("monkeypatch", change, by)
+
+    def _check_hooks(self) -> None:
+        for kind, hook in self.hooks.changes():
+            by = self._attribution(hook)
+            if by.origin is Origin.MACHINERY and not _stateful(hook):
+                # a bare torch or standard-library function as a hook (torch.nn.init.zeros_
+                # on a gradient, a functools wrapper around something else) says nothing
+                # about who registered it; torch's own hook objects (weight and spectral
+                # norm) are torch's doing
+                by = Attribution(Origin.UNKNOWN, by.where)
+            self._attributed("hooks", f"a new {kind} registered after start", by)
+
+    def _attribution(self, obj: Any) -> Attribution:
+        """Who a replacement or a hook belongs to; an object that raises when looked at
+        (its attributes, ``__class__``) belongs to nobody we can vouch for."""
+        try:
+            return self.provenance.of_callable(obj)
+        except Exception as exc:
+            kind = type(obj).__name__  # type() reads no attribute of the object
+            return Attribution(
+                Origin.UNKNOWN, f"a {kind} object that raises when inspected ({_describe(exc)})"
+            )
+
+    def _check_writes(self) -> None:
+        if self._writes.written() and not self._flags & agreement.PARAMS_WRITTEN:
+            self._params_written("their values or storage")
+
+    def _check_seed(self) -> None:
+        reseeded = self.seeds.initial_seed_changed()
+        if reseeded:
+            self._event({"event": "reseed", "detail": reseeded}, agreement.RESEEDED)
+            self.seeds.seed = torch.initial_seed()
+
+    def _ledger_identity(self) -> tuple[int, int] | None:
+        path = getattr(getattr(self.ledger, "backend", None), "path", None)
+        if not isinstance(path, Path):
+            return None  # not a file (PostgreSQL): nothing on this host to watch
+        # absolute: a job that changes its working folder has not lost its ledger
+        self._ledger_path = Path(os.path.abspath(path))
+        info = os.stat(self._ledger_path)
+        return (info.st_dev, info.st_ino)
+
+    def _watch_ledger(self) -> None:
+        """The run's ledger file deleted or replaced, or its folder no longer writable:
+        the record this run is writing goes nowhere. Every rank on the host sees it (a
+        rank that deleted it cannot keep the others quiet); reported once, HIGH. SQLite's
+        own WAL checkpoints keep the file's inode, so they are never mistaken for it."""
+        if self._ledger_id is None or self._ledger_lost:
+            return
+        path = self._ledger_path
+        try:
+            info = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            what = "was deleted"
+        except OSError as exc:
+            what = f"cannot be read any more ({_describe(exc)})"
+        else:
+            if (info.st_dev, info.st_ino) != self._ledger_id:
+                what = "was replaced by another file"
+            elif not os.access(path.parent, os.W_OK):
+                what = "is in a run folder that is no longer writable"
+            else:
+                return
+        self._ledger_lost = True
+        self._raise(
+            Alert(
+                self.at,
+                None,
+                "ledger",
+                Severity.HIGH,
+                f"the run's ledger {path} {what} during training: the run's record is "
+                "incomplete from here on",
+                {"path": str(path), "seen_by": self.rank},
+            )
+        )
+
+    def _fingerprint(self) -> torch.Tensor:
+        """This rank's row for the check; if computing it fails, a row that says so
+        (the peers are waiting in the collective, and compare nothing against it)."""
+        try:
+            return self._row()
+        except Exception as exc:
+            self._guard_failed(exc, "the fingerprint", may_halt=False)
+        values = dict.fromkeys(agreement.FIELDS, 0)
+        values.update(
+            step=self._step,
+            flags=self._flags | agreement.GUARD_FAILED,
+            busy_us=int(statistics.median(self._busy_window or [0.0]) * 1e6),
+            pid=os.getpid(),
+            severity=self._pending_severity,
+            arrival_us=int(time.time() * 1e6),
+        )
+        row = torch.tensor([values[name] for name in agreement.FIELDS], dtype=torch.int64)
+        return row.to(self.device)
 
     def _row(self) -> torch.Tensor:
         rng = rng_hashes()
@@ -635,17 +827,8 @@ class Guard:
                     "another rank raised an alert that halts the run",
                     {},
                 )
-            self.ledger.append("run.halted", worst.to_dict(), rank=self.rank)
+            self._write("run.halted", worst.to_dict())  # a failure here is counted, not raised
             raise GuardHalt(worst)
-
-    def _guard_failed(self, exc: Exception) -> None:
-        sys.stderr.write(f"trainguard: guard error (training continues): {exc!r}\n")
-        with contextlib.suppress(Error):
-            self.ledger.append("guard.error", {"error": repr(exc)[:500]}, rank=self.rank)
-        if self.policy == "halt":
-            raise GuardHalt(
-                Alert(self.at, self.rank, "guard", Severity.HIGH, f"the guard failed: {exc!r}", {})
-            ) from exc
 
     def _exchange_pids(self) -> list[tuple[str, int]]:
         import torch.distributed as dist
@@ -694,7 +877,8 @@ class Guard:
 
     def close(self, error: BaseException | None = None) -> None:
         """Write the closing entries (this rank's; rank 0 the run's) and the alerts file;
-        stop the sensors. Works on a Guard whose start was interrupted."""
+        stop the sensors. Works on a Guard whose start was interrupted. Always finishes:
+        what it could not do or write is logged and kept in :attr:`close_problems`."""
         closing.close(self, error)
 
     def __enter__(self) -> Guard:
@@ -713,6 +897,15 @@ def _stateful(hook: Any) -> bool:
     if isinstance(hook, types.MethodType):
         return True
     return not isinstance(hook, (types.FunctionType, types.BuiltinFunctionType))
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one short line, whatever its ``__str__`` or ``__repr__`` does."""
+    try:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    except Exception:
+        text = type(exc).__name__
+    return " ".join(text.split())[:300]
 
 
 def _detached(value: Any) -> Any:

@@ -245,6 +245,8 @@ class Watchdog:
         self.on_hang = on_hang
         self.last = time.monotonic()
         self.reported = False
+        #: called with (where, error) when reporting a hang fails
+        self.on_fault: Callable[[str, BaseException], None] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainguard-watchdog", daemon=True)
         self._thread.start()
@@ -262,10 +264,16 @@ class Watchdog:
                 try:
                     self.on_hang(idle, thread_stacks())
                 except Exception as exc:
-                    sys.stderr.write(f"trainguard: hang report failed: {exc}\n")
+                    if self.on_fault is not None:
+                        self.on_fault("the hang watchdog", exc)
+                    else:
+                        sys.stderr.write(f"trainguard: hang report failed: {exc}\n")
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 2.0) -> None:
+        """Stop the watchdog thread, waiting up to ``wait`` seconds for it to end."""
         self._stop.set()
+        if self._thread is not threading.current_thread() and self._thread.is_alive():
+            self._thread.join(wait)
 
 
 def pid_alive(pid: int) -> bool:

@@ -25,15 +25,22 @@ trust anchors.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import sys
 import sysconfig
 import threading
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+_log = logging.getLogger("trainguard.runtime")
+
+
+def _log_fault(where: str, exc: BaseException) -> None:
+    _log.warning("trainguard: %s failed: %s", where, type(exc).__name__)
 
 
 class Origin(enum.Enum):
@@ -108,6 +115,8 @@ class Provenance:
         # so that its id is not reused
         self._codes: dict[int, tuple[types.CodeType, Origin]] = {}
         self._thread_start: Any = None
+        #: called with (where, error) when the thread-start wrapper's own code fails
+        self.on_fault: Callable[[str, BaseException], None] = _log_fault
         self._files: dict[str, dict[tuple[str, int], types.CodeType] | None] = {}
         for root in self._job:
             if os.path.isfile(root):
@@ -250,9 +259,12 @@ class Provenance:
 
         def start(thread: threading.Thread) -> None:
             if provenance._thread_start is not None:
-                thread._trainguard_started_by = provenance.of_stack(  # type: ignore[attr-defined]
-                    sys._getframe(1)
-                )
+                try:
+                    thread._trainguard_started_by = provenance.of_stack(  # type: ignore[attr-defined]
+                        sys._getframe(1)
+                    )
+                except Exception as exc:  # the guard's part; the start itself is the job's
+                    provenance.on_fault("the thread-start sensor", exc)
             original(thread)
 
         self._thread_start = (original, start)

@@ -17,6 +17,7 @@ also travels in the cross-rank fingerprint, and every event goes to the ledger.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import sysconfig
@@ -66,6 +67,16 @@ _REEXPORTS = {
 }
 
 Event = dict[str, Any]
+#: what a sensor calls when its own code fails where it runs for the job: (where, error)
+FaultCallback = Callable[[str, BaseException], None]
+
+_log = logging.getLogger("trainguard.runtime")
+
+
+def log_fault(where: str, exc: BaseException) -> None:
+    """The fault callback of a sensor no guard listens to: one warning line."""
+    _log.warning("trainguard: %s failed: %s", where, type(exc).__name__)
+
 
 #: threads of the guard's own (the alert hook's): their subprocesses and connections are
 #: not sensor events. Only :func:`quiet` adds to it, from the thread itself
@@ -187,7 +198,7 @@ class PatchWatch:
                 continue
             for name in sorted(set(space) - keys):
                 key = (id(cls), name)
-                if key not in self._reported and callable(getattr(cls, name, None)):
+                if key not in self._reported and _callable_attr(cls, name):
                     self._reported.add(key)
                     yield (
                         f"{cls.__name__}.{name} was added, overriding what it inherited",
@@ -213,6 +224,15 @@ class PatchWatch:
             else:
                 # the same function and code, other defaults or closure: whose is unknown
                 yield f"{where} had its defaults or closure replaced", None
+
+
+def _callable_attr(cls: type, name: str) -> bool:
+    """Whether a class attribute is callable; one that raises when read (a planted
+    descriptor) is treated as callable: it can only be there to run code."""
+    try:
+        return callable(getattr(cls, name, None))
+    except Exception:
+        return True
 
 
 def _parts(func: Any) -> tuple[Any, ...] | None:
@@ -326,6 +346,7 @@ class SeedWatch:
         self.seed = seed
         self.attribute = attribute
         self.active = True
+        self.on_fault: FaultCallback = log_fault
         self._local = threading.local()
         self.originals: list[tuple[Any, str, Any]] = []
         for module_name, name in _SEEDERS:
@@ -343,20 +364,28 @@ class SeedWatch:
         watch = self
 
         def seeding(*args: Any, **kwargs: Any) -> Any:
+            # only the sensor's part is guarded: the seeding function's own errors are the
+            # job's and reach it as they would without the guard
             outermost = not getattr(watch._local, "inside", False)
             if watch.active and outermost:
-                shown = [repr(a)[:40] for a in args]
-                event: Event = {"event": "reseed", "call": label, "args": shown}
-                if watch.attribute is not None:
-                    event["by"] = watch.attribute(sys._getframe(1))
-                watch.record(event)
+                try:
+                    shown = [_shown(a) for a in args]
+                    event: Event = {"event": "reseed", "call": label, "args": shown}
+                    if watch.attribute is not None:
+                        event["by"] = watch.attribute(sys._getframe(1))
+                    watch.record(event)
+                except Exception as exc:
+                    watch.on_fault("the seed sensor", exc)
             watch._local.inside = True
             try:
                 return original(*args, **kwargs)
             finally:
                 watch._local.inside = not outermost
                 if outermost and watch.seed is not None:
-                    watch.seed = torch.initial_seed()  # reported already; track the new seed
+                    try:
+                        watch.seed = torch.initial_seed()  # reported; track the new seed
+                    except Exception as exc:
+                        watch.on_fault("the seed sensor", exc)
 
         seeding.__trainguard_wrapped__ = True  # type: ignore[attr-defined]
         seeding.__wrapped__ = original  # type: ignore[attr-defined]
@@ -364,6 +393,7 @@ class SeedWatch:
         return seeding
 
     def initial_seed_changed(self) -> str | None:
+        """What ``torch.initial_seed()`` says when it is not the seed in force."""
         if self.seed is None:
             return None
         current = torch.initial_seed()
@@ -375,6 +405,14 @@ class SeedWatch:
         self.active = False
         for owner, name, original in self.originals:
             setattr(owner, name, original)
+
+
+def _shown(value: Any) -> str:
+    """An argument as the event shows it; one whose repr raises is shown by its type."""
+    try:
+        return repr(value)[:40]
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 _SITE_DIRS = tuple(
@@ -420,6 +458,7 @@ class AuditSensor:
         self.provenance = provenance
         self.block = False
         self.active = True
+        self.on_fault: FaultCallback = log_fault
         self.protected = tuple(p for p in (*_SITE_DIRS, *protected) if p)
         self._local = threading.local()
         self._pid = os.getpid()
@@ -433,6 +472,7 @@ class AuditSensor:
         ):
             return
         self._local.busy = True
+        block = False
         try:
             found = self._classify(event, args)
             if found is None:
@@ -440,6 +480,10 @@ class AuditSensor:
             detail, by = found
             block = self.block and not by.trusted and event not in ("compile", "exec")
             self.record({"event": event, "detail": detail, "by": by, "blocked": block})
+        except Exception as exc:
+            # the hook runs inside whatever the job does (every open, every import): its
+            # own failure is reported, never raised into the job's operation
+            self.on_fault("the audit sensor", exc)
         finally:
             self._local.busy = False
         if block:
