@@ -381,7 +381,9 @@ def _resume(
     rank: int,
 ) -> int:
     if guard is not None:
-        guard.load_checkpoint(path)
+        # each resume starts a run of its own from the clean run's checkpoint: a declared
+        # fork (a tampered or poisoned checkpoint is refused whatever is declared)
+        guard.load_checkpoint(path, fork=True)
         meta = json.loads(path.with_name(path.name + ".job.json").read_text())
     else:
         # what teams do: the whole training state in one pickle

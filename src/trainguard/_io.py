@@ -135,6 +135,8 @@ def parse_json(text: str | bytes, where: str, *, max_depth: int = JSON_DEPTH) ->
         raise InputError(f"{where}: JSON nested too deeply") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{where}: not valid JSON ({exc})") from exc
+    except ValueError as exc:  # an integer of more digits than int() converts
+        raise InputError(f"{where}: not valid JSON ({str(exc).split(':')[0].lower()})") from exc
     if _depth_over(value, max_depth):
         raise InputError(f"{where}: JSON nested deeper than {max_depth} levels")
     return value
@@ -247,7 +249,11 @@ def _name(path: str | os.PathLike[str]) -> str:
     raw = os.fspath(path)
     if isinstance(raw, bytes):
         return raw.decode(sys.getfilesystemencoding(), "backslashreplace")
-    return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        data = raw.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte (from JSON)
+        data = raw.encode("utf-8", "backslashreplace")
+    return data.decode("utf-8", "backslashreplace")
 
 
 display = _name

@@ -121,6 +121,67 @@ class _LazyProgress:
             self._bar.stop()
 
 
+_UNPRINTABLE = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in [*range(0x20), *range(0x7F, 0xA0), 0x200E, 0x200F, *range(0x202A, 0x202F)]
+    + list(range(0x2066, 0x206A))
+}
+
+
+def _shown(text: str) -> str:
+    """A name or message as one inert line: control characters, terminal escapes and
+    bidirectional overrides in a file name are shown, not obeyed (a name holding
+    "\\n" or ESC could otherwise print a fake verdict line)."""
+    return (
+        text.translate(_UNPRINTABLE)
+        .encode("utf-8", "surrogateescape")
+        .decode("utf-8", "backslashreplace")
+    )
+
+
+def _emit_json_streamed(document: object) -> None:
+    """``_emit_json``'s text, written as it is encoded: ``json.dumps`` with an indent
+    builds the whole text and its pieces first (335 MB for a 100,000-file folder)."""
+    pending: list[str] = []
+    for chunk in json.JSONEncoder(indent=2).iterencode(document):
+        pending.append(chunk)
+        if len(pending) >= 8192:  # one write per batch: a write per token is slow
+            sys.stdout.write("".join(pending))
+            pending.clear()
+    sys.stdout.write("".join(pending) + "\n")
+    sys.stdout.flush()
+
+
+def _emit_scan_json(report: Any) -> None:
+    """The scan's JSON document (the same text as ``_emit_json(report.to_dict())``), one
+    file at a time, so its size in memory does not grow with the number of files."""
+    head = {"verdict": report.verdict.value, "counts": report.counts()}
+    text = json.dumps(head, indent=2)
+    write = sys.stdout.write
+    write(text[: text.rindex("}")].rstrip() + ',\n  "files": [')
+    for i, file in enumerate(report.files):
+        body = json.dumps(file.to_dict(), indent=2).replace("\n", "\n    ")
+        write(("," if i else "") + "\n    " + body)
+    write("\n  ]," if report.files else "],")
+    errors = json.dumps({"errors": list(report.errors)}, indent=2)
+    write("\n" + errors[errors.index("{") + 1 :].lstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+def _valid_text(value: Any) -> Any:
+    """``value`` with every string (keys too) valid Unicode: names from argv and from a
+    checkpoint's keys may hold lone surrogates, which strict JSON parsers reject."""
+    from trainguard.artifacts.interface import json_text
+
+    if isinstance(value, str):
+        return json_text(value)
+    if isinstance(value, dict):
+        return {_valid_text(k): _valid_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_valid_text(v) for v in value]
+    return value
+
+
 def _scan_text(report: Any, verbose: bool) -> None:
     for file in report.files:
         verdict = click.style(f"{file.verdict.value:<12}", fg=_VERDICT_STYLE[file.verdict.value])
@@ -133,9 +194,9 @@ def _scan_text(report: Any, verbose: bool) -> None:
         shown = reasons if verbose else reasons[:3]
         more = f"; +{len(reasons) - 3} more" if not verbose and len(reasons) > 3 else ""
         detail = f": {'; '.join(shown)}{more}" if shown else ""
-        _say(f"{verdict} {file.path} ({file.format}){detail}")
+        _say(f"{verdict} {_shown(file.path)} ({file.format}){_shown(detail)}")
     for error in report.errors:
-        _say(f"{click.style('ERROR', fg='red'):<12} {error}")
+        _say(f"{click.style('ERROR', fg='red'):<12} {_shown(error)}")
     counts = report.counts()
     summary = ", ".join(f"{n} {v.lower()}" for v, n in counts.items() if n)
     _say(f"scanned {len(report.files)} file(s): {summary or 'nothing to scan'}")
@@ -190,11 +251,11 @@ def scan(paths: tuple[str, ...], fmt: str, verbose: bool, max_memory: int) -> in
     finally:
         bar.close()
     if fmt == "json":
-        _emit_json(report.to_dict())
+        _emit_scan_json(report)
     elif fmt == "sarif":
         from trainguard.artifacts.sarif import to_sarif
 
-        _emit_json(to_sarif(report))
+        _emit_json_streamed(to_sarif(report, lazy=True))
     else:
         _scan_text(report, verbose)
     if report.errors:
@@ -229,37 +290,43 @@ def convert(source: str, output: str, force: bool, fmt: str, max_memory: int) ->
     except UnsafeCheckpointError as refused:
         if fmt == "json":
             _emit_json(
-                {
-                    "input": source,
-                    "output": None,
-                    "refused": True,
-                    "findings": [f.to_dict() for f in refused.findings],
-                }
+                _valid_text(
+                    {
+                        "input": source,
+                        "output": None,
+                        "refused": True,
+                        "findings": [f.to_dict() for f in refused.findings],
+                    }
+                )
             )
         else:
-            _say(f"refused: {source} is not safe to load; nothing written")
+            _say(f"refused: {_shown(source)} is not safe to load; nothing written")
             for finding in refused.findings:
                 where = f" [{finding.location}]" if finding.location else ""
-                _say(f"  {finding.severity.name:<8} {finding.message}{where}")
+                _say(f"  {finding.severity.name:<8} {_shown(finding.message + where)}")
         return EXIT_FINDINGS
     if fmt == "json":
         _emit_json(
-            {
-                "input": source,
-                "output": result.output,
-                "refused": False,
-                "tensors": result.tensors,
-                "aliases": result.aliases,
-                "copied_views": result.copied_views,
-                "bytes": result.bytes_written,
-            }
+            _valid_text(
+                {
+                    "input": source,
+                    "output": result.output,
+                    "refused": False,
+                    "tensors": result.tensors,
+                    "aliases": result.aliases,
+                    "copied_views": result.copied_views,
+                    "bytes": result.bytes_written,
+                }
+            )
         )
     else:
-        _say(f"wrote {result.output}: {result.tensors} tensors, {result.bytes_written} bytes")
+        _say(
+            f"wrote {_shown(result.output)}: {result.tensors} tensors, {result.bytes_written} bytes"
+        )
         for alias, target in result.aliases.items():
-            _say(f"  {alias} shares {target} (tied): stored once")
+            _say(f"  {_shown(alias)} shares {_shown(target)} (tied): stored once")
         for group in result.copied_views:
-            _say(f"  {', '.join(group)} shared one storage: stored as separate copies")
+            _say(f"  {_shown(', '.join(group))} shared one storage: stored as separate copies")
     return EXIT_CLEAN
 
 

@@ -156,7 +156,7 @@ GUARD_DOUBLE = textwrap.dedent(
             self.n += 1
         def save_checkpoint(self, path):
             Path(path).write_bytes(b"guard checkpoint")
-        def load_checkpoint(self, path):
+        def load_checkpoint(self, path, *, rollback=False, fork=False):
             raise RuntimeError("unsafe checkpoint")
         def close(self):
             self.closed = True

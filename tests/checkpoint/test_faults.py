@@ -271,7 +271,7 @@ def test_guard_refused_load_leaves_the_model(tmp_path, keys):
     guard = trainguard.Guard(model, optimizer, run_dir=tmp_path / "run", owner_key=keys[0],
                              verify_env=False, seed=0, code_roots=[__file__])  # fmt: skip
     with pytest.raises(CheckpointError, match="param groups"):
-        guard.load_checkpoint(path)
+        guard.load_checkpoint(path, fork=True)  # not of this run: a declared fork
     guard.close()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert [a.detector for a in guard.alerts] == ["checkpoint"]

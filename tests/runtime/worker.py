@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+import types
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,11 +34,15 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = DistributedDataParallel(
-        torch.nn.Sequential(
-            torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 1)
-        )
+    net = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 1)
     )
+    if scenario in MODEL_STATE:
+        # a BatchNorm whose running statistics differ per rank (DDP does not broadcast
+        # them here) and a buffer the replicas hold equal
+        net.insert(1, torch.nn.BatchNorm1d(32))
+        net.register_buffer("table", torch.ones(32))
+    model = DistributedDataParallel(net, broadcast_buffers=scenario not in MODEL_STATE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     data = torch.Generator().manual_seed(100 + rank)
     guard = trainguard.Guard(
@@ -108,6 +114,48 @@ def interfere(scenario: str, step: int, model: torch.nn.Module, opt: torch.optim
         foreign_reseed()
     elif scenario == "straggler":
         time.sleep(0.15)
+    elif scenario in MODEL_STATE and step == AT:
+        interfere_with_model_state(scenario, model)
+
+
+#: interference with the model's state beyond its parameters (issue 11), from step AT
+MODEL_STATE = ("dropout", "eval", "buffer", "node-hook")
+
+
+def foreign(source: str) -> types.ModuleType:
+    """A module from outside the job (an insider's file in /tmp)."""
+    import importlib.util
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(), "state_implant.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("state_implant", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def interfere_with_model_state(scenario: str, model: torch.nn.Module) -> None:
+    net: Any = model.module
+    if scenario == "dropout":
+        foreign("def attack(net):\n    net[3].p = 0.9\n").attack(net)
+    elif scenario == "eval":
+        foreign("def attack(net):\n    net.eval()\n").attack(net)
+    elif scenario == "buffer":
+        with torch.no_grad():
+            net.table.mul_(2.0)  # in place: no setter, no hook, nothing patched
+    elif scenario == "node-hook":
+        # DDP's reducer keeps the AccumulateGrad nodes alive: the hook stays on them
+        implant = foreign(
+            "def attack(net):\n"
+            "    p = net[0].weight\n"
+            "    node = p.view_as(p).grad_fn.next_functions[0][0]\n"
+            "    node.register_prehook(lambda grads: tuple(g * 10 for g in grads))\n"
+        )
+        implant.attack(net)
 
 
 if __name__ == "__main__":

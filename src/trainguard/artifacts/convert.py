@@ -263,11 +263,25 @@ def save_safetensors(
             raise
         except Exception as exc:  # safetensors reports I/O failures as its own errors
             raise CheckpointError(f"{display(out)}: cannot write: {exc}") from exc
+        os.chmod(tmp, _new_file_mode())  # save_file leaves its output 0600
 
     write_atomic(out, write, what="safetensors file")
     return ConvertResult(
         str(out), len(encoder.tensors), encoder.aliases, groups, out.stat().st_size
     )
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the umask, read without changing
+    it (the temporary file the output is written through is created 0600)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
 
 
 def convert(

@@ -6,7 +6,9 @@ and registering it in :mod:`trainguard.artifacts.formats`.
 
 from __future__ import annotations
 
+import base64
 import enum
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -118,13 +120,22 @@ class FileReport:
         return [f.message for f in self.findings if f.severity >= Severity.LOW]
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "path": self.path,
+        """JSON-ready: every string valid Unicode (a name with bytes that are not UTF-8 is
+        shown with ``\\xNN`` escapes, and its exact bytes are in ``path_base64``)."""
+        doc: dict[str, object] = {
+            "path": json_text(self.path),
             "format": self.format,
             "verdict": self.verdict.value,
             "size": self.size,
-            "findings": [f.to_dict() for f in self.findings],
+            "findings": [
+                {k: json_text(v) if isinstance(v, str) else v for k, v in f.to_dict().items()}
+                for f in self.findings
+            ],
         }
+        if json_text(self.path) != self.path:
+            raw = os.fsencode(self.path)
+            doc["path_base64"] = base64.b64encode(raw).decode("ascii")
+        return doc
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,17 @@ class ScanReport:
             "files": [f.to_dict() for f in self.files],
             "errors": list(self.errors),
         }
+
+
+def json_text(text: str) -> str:
+    """``text`` as valid Unicode: the lone surrogates that stand for undecodable bytes in
+    file and member names (which strict JSON parsers reject, and others turn into U+FFFD)
+    become ``\\xNN`` escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 def worst(findings: Sequence[Finding]) -> Severity | None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from urllib.parse import quote
+
 from trainguard import __version__
-from trainguard.artifacts.interface import ScanReport, Verdict
+from trainguard.artifacts.interface import FileReport, ScanReport, Verdict, json_text
 from trainguard.errors import Severity
 
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -28,10 +32,35 @@ _VERDICT_RULE = {
 }
 
 
-def to_sarif(report: ScanReport) -> dict[str, object]:
-    """The scan as one SARIF log: a rule per detector, a result per finding."""
+class _Results(list[dict[str, object]]):
+    """The results, made again each time they are iterated, never held all at once.
+
+    ``json`` encodes a list by iterating it (with an indent, in pure Python), so the CLI
+    writes a 100,000-file scan's SARIF in bounded memory. Only iteration, ``len`` and
+    truth are supported.
+    """
+
+    def __init__(self, make: Callable[[], Iterator[dict[str, object]]], count: int) -> None:
+        super().__init__()
+        self._make = make
+        self._count = count
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        return self._make()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+
+def to_sarif(report: ScanReport, *, lazy: bool = False) -> dict[str, object]:
+    """The scan as one SARIF log: a rule per detector, a result per finding.
+
+    ``lazy``: the results list is made while it is encoded (see :class:`_Results`).
+    """
     rules: dict[str, dict[str, object]] = {}
-    results: list[dict[str, object]] = []
 
     def rule(rule_id: str, text: str) -> int:
         if rule_id not in rules:
@@ -42,42 +71,12 @@ def to_sarif(report: ScanReport) -> dict[str, object]:
             }
         return list(rules).index(rule_id)
 
-    for file in report.files:
-        location = {"physicalLocation": {"artifactLocation": {"uri": file.path}}}
-        for finding in file.findings:
-            if finding.severity < Severity.LOW:
-                continue
-            rule_id = f"trainguard/{finding.detector}"
-            index = rule(rule_id, f"findings of the {finding.detector} analyser")
-            where = f" ({finding.location})" if finding.location else ""
-            results.append(
-                {
-                    "ruleId": rule_id,
-                    "ruleIndex": index,
-                    "level": _LEVEL[finding.severity],
-                    "message": {"text": f"{finding.message}{where}"},
-                    "locations": [location],
-                    "properties": {
-                        "severity": finding.severity.name,
-                        "security-severity": _SCORE[finding.severity],
-                        "member": finding.member,
-                        "offset": finding.offset,
-                        "verdict": file.verdict.value,
-                    },
-                }
-            )
-        if file.verdict in _VERDICT_RULE:
-            rule_id, text = _VERDICT_RULE[file.verdict]
-            index = rule(f"trainguard/{rule_id}", text)
-            results.append(
-                {
-                    "ruleId": f"trainguard/{rule_id}",
-                    "ruleIndex": index,
-                    "level": "error",
-                    "message": {"text": f"{file.verdict.value}: {file.format}"},
-                    "locations": [location],
-                }
-            )
+    def make() -> Iterator[dict[str, object]]:
+        for file in report.files:
+            yield from _file_results(file, rule)
+
+    count = sum(1 for _ in make())  # registers every rule, in order
+    results: list[dict[str, object]] = _Results(make, count) if lazy else list(make())
     return {
         "$schema": SCHEMA,
         "version": "2.1.0",
@@ -102,3 +101,40 @@ def to_sarif(report: ScanReport) -> dict[str, object]:
             }
         ],
     }
+
+
+def _file_results(file: FileReport, rule: Callable[[str, str], int]) -> Iterator[dict[str, object]]:
+    # a URI reference: percent-encoded bytes, so any name (spaces, '#', newlines, bytes
+    # that are not UTF-8) is valid and decodes back to the exact path
+    uri = quote(os.fsencode(file.path), safe="/")
+    location = {"physicalLocation": {"artifactLocation": {"uri": uri}}}
+    for finding in file.findings:
+        if finding.severity < Severity.LOW:
+            continue
+        rule_id = f"trainguard/{finding.detector}"
+        index = rule(rule_id, f"findings of the {finding.detector} analyser")
+        where = f" ({finding.location})" if finding.location else ""
+        yield {
+            "ruleId": rule_id,
+            "ruleIndex": index,
+            "level": _LEVEL[finding.severity],
+            "message": {"text": json_text(f"{finding.message}{where}")},
+            "locations": [location],
+            "properties": {
+                "severity": finding.severity.name,
+                "security-severity": _SCORE[finding.severity],
+                "member": None if finding.member is None else json_text(finding.member),
+                "offset": finding.offset,
+                "verdict": file.verdict.value,
+            },
+        }
+    if file.verdict in _VERDICT_RULE:
+        rule_id, text = _VERDICT_RULE[file.verdict]
+        index = rule(f"trainguard/{rule_id}", text)
+        yield {
+            "ruleId": f"trainguard/{rule_id}",
+            "ruleIndex": index,
+            "level": "error",
+            "message": {"text": f"{file.verdict.value}: {file.format}"},
+            "locations": [location],
+        }

@@ -1,28 +1,39 @@
 """Scanning: find the files, recognise each by its bytes, hand it to its format handler.
 
-Files are memory-mapped, so a handler that reads only headers and pickle members costs
-the same for a 1 GB checkpoint as for a 1 MB one. Nothing here imports torch.
+Files over 16 MiB are memory-mapped, so a handler that reads only headers and pickle
+members costs the same for a 1 GB checkpoint as for a 20 MB one; the map is touched only
+in a forked child, because a file cut short under a map kills whoever reads it (SIGBUS).
+Smaller files are read. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import mmap
 import os
+import signal
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from trainguard._io import describe_mode, display, reason
 from trainguard.artifacts.budget import DEFAULT_MAX_MEMORY, MemoryBudget
 from trainguard.artifacts.formats import HEAD_SIZE, identify
 from trainguard.artifacts.formats.archives import ZipFormat, has_trailing_zip
-from trainguard.artifacts.interface import Analysis, FileReport, FormatError, ScanReport
-from trainguard.errors import InputError, Severity
+from trainguard.artifacts.formats.pickles import PickleFormat, analyse_stream
+from trainguard.artifacts.interface import (
+    UNSAFE_AT,
+    Analysis,
+    FileReport,
+    FormatError,
+    ScanReport,
+    Verdict,
+)
+from trainguard.errors import Finding, InputError, Severity
 
 #: Called after each file is scanned, with the number done and the number of files.
 Progress = Callable[[int, int], None]
@@ -53,6 +64,8 @@ def analyse_buffer(buf: memoryview, budget: MemoryBudget | None = None) -> Analy
             return analysis
     analysis = Analysis(handler.name, budget=budget)
     _run(handler.analyse, buf, analysis)
+    if handler.name not in ("pickle", "torch-zip", "zip") and _PICKLE.sniff(head, len(buf)):
+        _check_pickle_polyglot(buf, analysis)
     if handler.name == "pickle" and has_trailing_zip(buf):
         analysis.add(
             Severity.MEDIUM,
@@ -62,6 +75,35 @@ def analyse_buffer(buf: memoryview, budget: MemoryBudget | None = None) -> Analy
         _run(ZipFormat().analyse, buf, analysis)
         analysis.format = "pickle"
     return analysis
+
+
+_PICKLE = PickleFormat()
+
+
+def _check_pickle_polyglot(buf: memoryview, analysis: Analysis) -> None:
+    """A file of another format whose first bytes also run as a pickle.
+
+    ``pickle.load``, and ``torch.load`` on anything that is not a ZIP, start unpickling
+    at byte 0 whatever the file is: a safetensors header whose length field reads as
+    ``S"`` opens a pickle string that swallows the JSON, and the tensor data then holds
+    the payload. Code runs as soon as its opcode is reached, so a finding before the
+    stream stops parsing counts; a stream that stops parsing is only the other format.
+    """
+    side = Analysis("pickle", budget=analysis.budget)
+    with contextlib.suppress(FormatError, RecursionError, MemoryError):
+        analyse_stream(buf, side, member=None)
+    unsafe = [f for f in side.findings if f.severity >= UNSAFE_AT and f.detector != "parse"]
+    if not unsafe:
+        return
+    analysis.add(
+        max(f.severity for f in unsafe),
+        "polyglot",
+        f"{analysis.format}/pickle polyglot: pickle.load or torch.load would run the pickle "
+        f"that starts at byte 0 ({unsafe[0].message})",
+        offset=0,
+    )
+    for f in unsafe:
+        analysis.add(f.severity, f.detector, f"as a pickle: {f.message}", offset=f.offset)
 
 
 def _run(step: Callable[[memoryview, Analysis], None], buf: memoryview, analysis: Analysis) -> None:
@@ -94,43 +136,172 @@ def _refuse_special(path: str | os.PathLike[str], info: os.stat_result) -> None:
         raise InputError(f"{display(path)}: is {describe_mode(info.st_mode)}, not a file")
 
 
-@contextmanager
-def mapped(path: str | os.PathLike[str]) -> Iterator[memoryview]:
-    """The file's bytes, memory-mapped read-only. Raises InputError if unreadable.
-
-    A FIFO, a device or a socket is refused from its ``stat``, before it is opened
-    (opening a FIFO waits for a writer; opening some devices has effects).
-    """
+def _open(path: str | os.PathLike[str]) -> int:
+    # A FIFO, a device or a socket is refused from its ``stat``, before it is opened
+    # (opening a FIFO waits for a writer; opening some devices has effects).
     try:
         _refuse_special(path, os.stat(path))
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise InputError(f"{display(path)}: cannot read: {reason(exc)}") from exc
     try:
-        info = os.fstat(fd)
-        _refuse_special(path, info)  # replaced between the stat and the open
-        if info.st_size == 0:
-            yield memoryview(b"")
-            return
-        try:
-            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{display(path)}: cannot map the file: {exc}") from exc
-        view = memoryview(mm)
-        try:
-            yield view
-        finally:
-            view.release()
-            # a slice may still be referenced (a traceback); the map then goes with it
-            with contextlib.suppress(BufferError):
-                mm.close()
-    finally:
+        _refuse_special(path, os.fstat(fd))  # replaced between the stat and the open
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def _mapping(path: str | os.PathLike[str], fd: int) -> Iterator[memoryview]:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        yield memoryview(b"")
+        return
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{display(path)}: cannot map the file: {exc}") from exc
+    view = memoryview(mm)
+    try:
+        yield view
+    finally:
+        view.release()
+        # a slice may still be referenced (a traceback); the map then goes with it
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+
+def _changed(path: str | os.PathLike[str]) -> InputError:
+    return InputError(f"{display(path)}: the file changed while it was scanned; scan it again")
+
+
+def _snapshot(path: str | os.PathLike[str], fd: int, size: int) -> bytearray:
+    """The first ``size`` bytes of the file, read into memory we own."""
+    data = bytearray(size)
+    view = memoryview(data)
+    done = 0
+    try:
+        while done < size:
+            chunk = os.pread(fd, min(1 << 20, size - done), done)
+            if not chunk:  # cut short while we read, or a pseudo-file (/sys) that lies
+                raise InputError(
+                    f"{display(path)}: the file ended at byte {done} of the {size} its size "
+                    "says (cut short while it was read?)"
+                )
+            view[done : done + len(chunk)] = chunk
+            done += len(chunk)
+    except OSError as exc:
+        raise InputError(f"{display(path)}: cannot read: {reason(exc)}") from exc
+    finally:
+        view.release()
+    return data
+
+
+def _report_from_dict(doc: dict[str, Any]) -> FileReport:
+    findings = tuple(
+        Finding(
+            Severity[f["severity"]],
+            f["detector"],
+            f["location"],
+            f["message"],
+            f["member"],
+            f["offset"],
+        )
+        for f in doc["findings"]
+    )
+    return FileReport(doc["path"], doc["format"], Verdict(doc["verdict"]), findings, doc["size"])
+
+
+def _scan_mapped_in_child(path: str, fd: int, budget: MemoryBudget) -> FileReport:
+    """Analyse the mapped file in a forked child, so a SIGBUS ends the child, not the scan.
+
+    The child sends its report back as JSON (never a pickle) and exits.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:  # no process to spare: map it here, as platforms without fork do
+        os.close(read_end)
+        os.close(write_end)
+        with _mapping(path, fd) as buf:
+            return report_for(path, buf, budget)
+    if pid == 0:  # the child: analyse, write the report, leave without cleanup
+        status = 3
+        try:
+            os.close(read_end)
+            with _mapping(path, fd) as buf:
+                report = report_for(path, buf, budget)
+            payload = json.dumps(report.to_dict()).encode()
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(write_end, view) :]
+            os.close(write_end)
+            status = 0
+        except BaseException:
+            status = 4
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    chunks: list[bytes] = []
+    wait_status: int | None = None
+    try:
+        while chunk := os.read(read_end, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: reaped for us
+            _, wait_status = os.waitpid(pid, 0)
+    if wait_status is not None and os.WIFSIGNALED(wait_status):
+        signum = os.WTERMSIG(wait_status)
+        if signum == signal.SIGBUS:
+            raise InputError(
+                f"{display(path)}: the file was cut short or failed to read while it was "
+                "scanned (SIGBUS); scan it again"
+            )
+        raise InputError(f"{display(path)}: the analysis was killed by signal {signum}")
+    try:
+        if wait_status is not None and os.WEXITSTATUS(wait_status) != 0:
+            raise ValueError("the child failed")
+        return _report_from_dict(json.loads(b"".join(chunks)))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{display(path)}: the analysis process failed") from exc
+
+
+#: Files up to this size are read whole into memory and analysed there; larger ones are
+#: memory-mapped (only what the analysis touches is read) in a child process.
+SNAPSHOT_MAX = 16 << 20
 
 
 def scan_file(path: str | os.PathLike[str], *, budget: MemoryBudget | None = None) -> FileReport:
-    with mapped(path) as buf:
-        return report_for(os.fspath(path), buf, budget)
+    """Scan one file. Raises InputError if it cannot be read or changed while scanned.
+
+    A file another process cuts short while it is mapped kills the process touching the
+    map (SIGBUS), so a large file is mapped only in a forked child; a small one is read.
+    """
+    budget = budget if budget is not None else MemoryBudget()
+    name = os.fspath(path)
+    fd = _open(path)
+    try:
+        before = os.fstat(fd)
+        size = before.st_size
+        if not hasattr(os, "fork"):
+            with _mapping(path, fd) as buf:
+                report = report_for(name, buf, budget)
+        elif size <= SNAPSHOT_MAX and size <= budget.available // 4:
+            budget.reserve(size, "the file's bytes")
+            data = _snapshot(path, fd, size)
+            report = report_for(name, memoryview(data), budget)
+            del data
+            budget.release(size)
+        else:
+            report = _scan_mapped_in_child(name, fd, budget)
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise _changed(path)
+        return report
+    finally:
+        os.close(fd)
 
 
 def scan_bytes(data: bytes, name: str = STDIN, *, budget: MemoryBudget | None = None) -> FileReport:
@@ -156,6 +327,32 @@ def read_stdin(stream: BinaryIO, cap: int) -> bytearray:
         data += chunk
 
 
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows links, like the paths named on the command line
+    except OSError:
+        return False  # then it is opened as a file, and refused with the reason
+
+
+def _leaves(entry: os.DirEntry[str], roots: list[str], errors: list[str]) -> bool:
+    """True (and an error listed) for a folder link that leads out of the folders named.
+
+    A link to ``/`` planted in a checkpoint folder would otherwise make the scan walk the
+    whole machine (/proc, /sys, every mount) for hours. Its target is refused, not
+    skipped: the scan exits 2 and names it, and it can be scanned by its own name.
+    """
+    if not entry.is_symlink():
+        return False
+    target = os.path.realpath(entry.path)
+    if any(target == root or target.startswith(root.rstrip("/") + "/") for root in roots):
+        return False
+    errors.append(
+        f"{display(entry.path)}: a folder link to {display(target)}, outside the folders "
+        "scanned: not followed (scan the target by name)"
+    )
+    return True
+
+
 def collect(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[str]]:
     """Expand folders recursively (following links, each folder once).
 
@@ -165,10 +362,7 @@ def collect(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[st
     files: list[str] = []
     errors: list[str] = []
     seen: set[tuple[int, int]] = set()
-
-    def unlistable(exc: OSError) -> None:
-        where = exc.filename if exc.filename is not None else "?"
-        errors.append(f"{display(where)}: cannot read folder: {reason(exc)}")
+    roots: list[str] = []  # the named folders, resolved: links may lead anywhere inside
 
     for raw in paths:
         path = os.fspath(raw)
@@ -184,20 +378,26 @@ def collect(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[st
         if not stat.S_ISDIR(info.st_mode):
             files.append(path)
             continue
-        for root, dirs, names in os.walk(path, followlinks=True, onerror=unlistable):
+        # depth first with our own stack: os.walk recurses, and a folder tree a thousand
+        # levels deep would end the scan with RecursionError
+        roots.append(os.path.realpath(path))
+        stack = [path]
+        while stack:
+            root = stack.pop()
             try:
                 here = os.stat(root)
+                with os.scandir(root) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
+                dirs = [e.path for e in entries if _is_dir(e) and not _leaves(e, roots, errors)]
             except OSError as exc:
                 errors.append(f"{display(root)}: cannot read folder: {reason(exc)}")
-                dirs[:] = []
                 continue
             key = (here.st_dev, here.st_ino)
             if key in seen:
-                dirs[:] = []  # a link back up the tree: walking on would never end
-                continue
+                continue  # a link back up the tree: walking on would never end
             seen.add(key)
-            dirs.sort()
-            files.extend(str(Path(root) / name) for name in sorted(names))
+            files.extend(e.path for e in entries if not _is_dir(e))
+            stack.extend(reversed(dirs))
     return files, errors
 
 

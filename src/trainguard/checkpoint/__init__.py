@@ -15,7 +15,7 @@ before it touches the model, the optimizer or any RNG. See docs/guard.md.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,6 +184,7 @@ def load(
     ledger: Ledger | None = None,
     restore_rng: bool = True,
     generators: Mapping[str, Any] | None = None,
+    accept: Callable[[LoadedCheckpoint], None] | None = None,
 ) -> LoadedCheckpoint:
     """Verify ``path`` and restore it into ``model``, ``optimizer`` and the RNGs.
 
@@ -193,6 +194,8 @@ def load(
     signature, untrusted key, changed, renamed or missing tensor) before anything is
     restored, and :class:`CheckpointMismatchError` if it does not fit ``model``. With a
     ledger, the outcome is recorded (``checkpoint.loaded`` or ``checkpoint.refused``).
+    ``accept`` is shown what was verified (manifest hash, run, step; no state yet) before
+    anything is rebuilt or restored, and refuses by raising a CheckpointError.
     """
     trusted = _trusted(public_key, ledger)
     where = str(Path(path))
@@ -202,6 +205,13 @@ def load(
         if ledger is not None:
             ledger.append("checkpoint.refused", {"path": where, "reasons": list(refused.reasons)})
         raise
+    if accept is not None:
+        try:
+            accept(_described(where, verified))
+        except CheckpointError as refused:
+            if ledger is not None:
+                ledger.append("checkpoint.refused", {"path": where, "reasons": [str(refused)]})
+            raise
     parts = verified.manifest.get("parts") or {}
     trees: dict[str, Any] = {}
     for part in _PARTS:
@@ -210,8 +220,10 @@ def load(
             own = {n[len(prefix) :]: t for n, t in verified.tensors.items() if n.startswith(prefix)}
             try:
                 trees[part] = decode_structure(parts[part], own)
-            except (ValueError, KeyError, TypeError, RecursionError) as exc:
-                raise CheckpointError(f"{where}: cannot rebuild {part}: {exc}") from exc
+            except Exception as exc:  # signed, but odd: a device torch does not know, ...
+                raise CheckpointError(
+                    f"{where}: cannot rebuild {part}: {type(exc).__name__}: {str(exc)[:200]}"
+                ) from exc
     try:
         notes = _fit.restore(
             where,
@@ -250,6 +262,22 @@ def load(
             },
         ).seq
     return result
+
+
+def _described(where: str, verified: Any) -> LoadedCheckpoint:
+    """What the signature vouches for, before anything is rebuilt (for ``accept``)."""
+    return LoadedCheckpoint(
+        path=where,
+        step=verified.manifest.get("step"),
+        data_position=verified.manifest.get("data_position"),
+        extra=None,
+        model_state=None,
+        optimizer_state=None,
+        manifest_hash=verified.manifest_hash,
+        signer_key_id=verified.signer_key_id,
+        owner_key_id=verified.owner_key_id,
+        run_id=verified.run_id,
+    )
 
 
 def _trusted(

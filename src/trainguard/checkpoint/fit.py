@@ -10,6 +10,7 @@ model, whose weights are copied in place and so cannot be taken back.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,26 +65,58 @@ def restore(
             raise CheckpointMismatchError(f"{where}: {exc}") from exc
     previous_optimizer = optimizer.state_dict() if optimizer is not None else None
     previous_rng = _rng.capture(generators) if restore_rng else None
+    previous_model = _model_backup(model)
     notes: list[str] = []
     try:
-        if optimizer is not None:
-            try:
-                optimizer.load_state_dict(trees["optimizer"])
-            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-                raise CheckpointMismatchError(
-                    f"{where}: optimizer state does not fit: {exc}"
-                ) from exc
-        if restore_rng:
-            notes = _rng.restore(trees["rng"], generators)
+        try:
+            if optimizer is not None:
+                try:
+                    optimizer.load_state_dict(trees["optimizer"])
+                except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                    raise CheckpointMismatchError(
+                        f"{where}: optimizer state does not fit: {exc}"
+                    ) from exc
+            if restore_rng:
+                notes = _rng.restore(trees["rng"], generators)
+            if model is not None:
+                # last: tensors checked above copy in place and cannot fail; a module's own
+                # extra state (set_extra_state) can, and then the backup puts it back
+                model.load_state_dict(trees["model"])
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointMismatchError(
+                f"{where}: does not fit: {type(exc).__name__}: {str(exc)[:200]}"
+            ) from exc
     except BaseException:
+        if previous_model is not None:
+            model.load_state_dict(previous_model)
         if previous_optimizer is not None:
             optimizer.load_state_dict(previous_optimizer)
         if previous_rng is not None:
             _rng.restore(previous_rng, generators)
         raise
-    if model is not None:
-        model.load_state_dict(trees["model"])
     return notes
+
+
+def _model_backup(model: Any) -> dict[str, Any] | None:
+    """A copy of the model's state, taken only when loading it could fail part-way.
+
+    Tensors that passed :func:`check_model` (same names, shapes and dtypes) copy in place
+    without error; only a module's extra state (``set_extra_state``, given any value) can
+    refuse after other modules were written. Models without it cost no copy.
+    """
+    import torch
+
+    if model is None or not hasattr(model, "state_dict"):
+        return None
+    own = model.state_dict()
+    if all(isinstance(v, torch.Tensor) for v in own.values()):
+        return None
+    return {
+        k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+        for k, v in own.items()
+    }
 
 
 def check_model(where: str, model: Any, state: Any) -> None:
@@ -149,6 +182,8 @@ def check_optimizer(where: str, optimizer: Any, state: Any) -> None:
                 f"the optimizer has {len(group['params'])}"
             )
         total = sum(p.numel() for p in group["params"])
+        if not all(isinstance(pid, (int, str)) for pid in ids):
+            raise refuse(f"param group {index} names parameters by other than numbers")
         params.update({pid: (p, total) for pid, p in zip(ids, group["params"], strict=True)})
     saved_state = state.get("state") or {}
     if not isinstance(saved_state, Mapping):

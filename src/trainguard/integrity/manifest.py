@@ -213,6 +213,9 @@ _ROOT_KINDS = ("distribution", "path", "startup")
 
 def _validate(body: dict[str, Any], name: str) -> None:
     """Refuse a body whose roots or entries do not have the documented fields and types."""
+    if body.get("hash") != "blake3":
+        found = str(body.get("hash"))[:40]
+        raise ManifestError(f"{name}: hash {found!r}; {SCHEMA} hashes with blake3")
     roots = body.get("roots")
     if not isinstance(roots, list):
         raise ManifestError(f"{name}: manifest body has no list of roots")
@@ -223,7 +226,7 @@ def _validate(body: dict[str, Any], name: str) -> None:
         for field in ("name", "base"):
             if not isinstance(root.get(field), str) or not root[field]:
                 raise ManifestError(f"{where}: {field} is not a non-empty string")
-        if not os.path.isabs(root["base"]) or "\0" in root["base"]:
+        if not os.path.isabs(root["base"]) or not _file_name(root["base"]):
             raise ManifestError(f"{where}: base is not an absolute path")
         if root.get("version") is not None and not isinstance(root["version"], str):
             raise ManifestError(f"{where}: version is not a string")
@@ -234,11 +237,24 @@ def _validate(body: dict[str, Any], name: str) -> None:
             _validate_entry(entry, f"{where}.files[{j}]")
 
 
+def _file_name(text: str) -> bool:
+    """Whether ``text`` can name a file: no NUL, and every lone surrogate one that stands for
+    an undecodable byte (U+DC80 to U+DCFF, as :func:`os.fsencode` writes back); a JSON
+    ``\\ud800`` names no file, and would fail at the first ``lstat``."""
+    if "\0" in text:
+        return False
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _validate_entry(entry: Any, where: str) -> None:
     if not isinstance(entry, dict):
         raise ManifestError(f"{where}: not an object")
     path, size, mode, digest = (entry.get(k) for k in ("path", "size", "mode", "hash"))
-    if not isinstance(path, str) or not path or "\0" in path:
+    if not isinstance(path, str) or not path or not _file_name(path):
         raise ManifestError(f"{where}: path is not a non-empty string")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ManifestError(f"{where}: size is not a byte count")

@@ -83,7 +83,10 @@ def check(pyc, src, opt):
             return ["stale", how]
     try:
         code = compile(source, src, "exec", dont_inherit=True, optimize=opt)
-    except (SyntaxError, ValueError) as e:
+    except (SyntaxError, ValueError, MemoryError, RecursionError, OverflowError) as e:
+        # CPython's parser says MemoryError for 150 nested brackets, the compiler
+        # RecursionError for a long chain of unary operators: Python cannot compile such a
+        # source either, so whatever it runs comes from the pyc
         return ["mismatch", "source does not compile (%s) but a %s pyc is present" % (
             type(e).__name__, how)]
     body = data[16:]
@@ -96,8 +99,13 @@ def check(pyc, src, opt):
     if type(cached) is type(code) and cached == code:
         return ["ok", how]
     return ["mismatch", "%s pyc header matches its source but its code does not" % how]
+def guarded(pyc, src, opt):
+    try:
+        return check(pyc, src, opt)
+    except Exception as e:  # one hostile file must not cost the verdicts of the others
+        return ["unverifiable", "cannot be checked: %s" % type(e).__name__]
 tasks = json.load(sys.stdin)
-json.dump([check(*t) for t in tasks], sys.stdout)
+json.dump([guarded(*t) for t in tasks], sys.stdout)
 """
 
 

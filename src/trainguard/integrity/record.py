@@ -16,17 +16,19 @@ attacker.
 from __future__ import annotations
 
 import csv
+import email.parser
+import email.policy
 import importlib.util
 import io
 import os
 import re
 import site
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 
-from trainguard._io import MANIFEST_CAP, display, open_regular, read_text_capped, reason
+from trainguard._io import MANIFEST_CAP, display, read_text_capped, reason
 from trainguard.errors import InputError
 from trainguard.integrity.hashing import RECORD_ALGORITHMS, Algorithm, hash_files
 from trainguard.integrity.interface import (
@@ -70,50 +72,79 @@ def default_site_dirs() -> list[str]:
     return [os.path.realpath(d) for d in dirs if os.path.isdir(d)]
 
 
+#: METADATA is read whole to find two headers; real ones are at most a few megabytes.
+METADATA_CAP = 64 << 20
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
 def installed(site_dirs: Sequence[str]) -> list[Installed]:
-    """Every distribution with a RECORD in ``site_dirs``, first one found per name."""
+    """Every distribution with a RECORD in ``site_dirs``, first one found per name.
+
+    The site directory is listed here rather than by ``importlib.metadata``, which treats a
+    folder it cannot list, and a METADATA it cannot read, as absent (the distribution would
+    drop out of ``--all-packages`` unseen) and opens a FIFO named PKG-INFO to wait forever.
+    Only ``*.dist-info`` folders hold a RECORD; a folder that cannot be listed, a dist-info
+    that is not a folder, a RECORD with no readable METADATA naming the distribution is an
+    IntegrityError naming it.
+    """
     found: dict[str, Installed] = {}
     for site_dir in site_dirs:
         real = os.path.realpath(site_dir)
-        for dist in metadata.distributions(path=[real]):
-            # importlib.metadata treats an unreadable METADATA or RECORD as absent (the
-            # distribution would drop out of --all-packages unseen) and blocks on a FIFO.
-            info = getattr(dist, "_path", None)
-            if info is not None:
-                _readable(os.path.join(info, "METADATA"))
-            name = dist.metadata["Name"]
-            if not name:
+        try:
+            names = sorted(os.listdir(real))
+        except OSError as exc:
+            raise IntegrityError(
+                f"{display(real)}: cannot list site directory: {reason(exc)}"
+            ) from exc
+        for entry in names:
+            if not entry.endswith(".dist-info"):
                 continue
+            info = os.path.join(real, entry)
+            try:
+                is_dir = stat.S_ISDIR(os.stat(info).st_mode)
+            except OSError as exc:
+                raise IntegrityError(f"{display(info)}: cannot read: {reason(exc)}") from exc
+            if not is_dir:
+                raise IntegrityError(f"{display(info)}: is not a folder")
+            text = _read_if_present(os.path.join(info, "RECORD"), "RECORD", MANIFEST_CAP)
+            if text is None:
+                continue
+            name, version = _name_and_version(os.path.join(info, "METADATA"))
             key = canonical(name)
             if key in found:
                 continue
-            text = (
-                dist.read_text("RECORD")
-                if info is None
-                else _read_if_present(os.path.join(info, "RECORD"))
-            )
-            if text is None:
-                continue
-            entries = tuple(_parse_record(text, real))
-            found[key] = Installed(key, dist.version, real, entries, _folders(entries, real))
+            entries = tuple(_parse_record(text, real, os.path.join(info, "RECORD")))
+            found[key] = Installed(key, version, real, entries, _folders(entries, real))
     return sorted(found.values(), key=lambda d: d.name)
 
 
-def _readable(path: str) -> None:
-    """Nothing when ``path`` is absent or a readable regular file; IntegrityError otherwise."""
-    if os.path.lexists(path):
-        try:
-            os.close(open_regular(path, "distribution metadata"))
-        except InputError as exc:
-            raise IntegrityError(str(exc)) from exc
+def _name_and_version(path: str) -> tuple[str, str]:
+    """The ``Name`` and ``Version`` headers of a dist-info's METADATA (read capped)."""
+    text = _read_if_present(path, "METADATA", METADATA_CAP)
+    if text is None:
+        raise IntegrityError(f"{display(path)}: missing: the distribution's RECORD cannot be named")
+    head = text.replace("\r\n", "\n").split("\n\n", 1)[0]
+    message = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(head)
+    name, version = message.get("Name"), message.get("Version")
+    if not isinstance(name, str) or not name.strip():
+        raise IntegrityError(f"{display(path)}: METADATA has no Name")
+    return name.strip(), (version or "").strip()
 
 
-def _read_if_present(path: str) -> str | None:
-    """A RECORD's text (capped, never from a FIFO), or None when there is none."""
-    if not os.path.lexists(path):
-        return None
+def _read_if_present(path: str, what: str, cap: int) -> str | None:
+    """A RECORD's or METADATA's text (capped, never from a FIFO), or None when there is none.
+
+    Only a file that is not there is absent: one that cannot be looked at (a dist-info
+    folder of mode 000) is an error, never taken for a missing one.
+    """
     try:
-        return read_text_capped(path, MANIFEST_CAP, "RECORD")
+        os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise IntegrityError(f"{display(path)}: cannot read {what}: {reason(exc)}") from exc
+    try:
+        return read_text_capped(path, cap, what)
     except InputError as exc:
         raise IntegrityError(str(exc)) from exc
 
@@ -132,13 +163,28 @@ def select(dists: Sequence[Installed], names: Iterable[str] | None) -> list[Inst
     return chosen
 
 
-def _parse_record(text: str, site_dir: str) -> Iterable[RecordEntry]:
-    for row in csv.reader(io.StringIO(text)):
+def _parse_record(text: str, site_dir: str, where: str = "RECORD") -> Iterable[RecordEntry]:
+    """RECORD rows as entries; a row no installer writes is an IntegrityError naming its line."""
+    reader = csv.reader(io.StringIO(text))
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise IntegrityError(f"{display(where)}: line {reader.line_num}: {exc}") from exc
         if not row or not row[0]:
             continue
+        line = f"{display(where)}: line {reader.line_num}"
         rel = row[0]
+        if "\0" in rel:
+            raise IntegrityError(f"{line}: path holds a NUL byte")
         digest = row[1] if len(row) > 1 and row[1] else None
-        size = int(row[2]) if len(row) > 2 and row[2].isdigit() else None
+        size = None
+        if len(row) > 2 and row[2]:
+            if not _DIGITS.fullmatch(row[2]):
+                raise IntegrityError(f"{line}: size {row[2][:40]!r} is not a byte count")
+            size = int(row[2])
         yield RecordEntry(os.path.normpath(os.path.join(site_dir, rel)), digest, size)
 
 
@@ -254,7 +300,20 @@ def check_record(
                 continue
             algo = e.digest.split("=", 1)[0]
             if algo not in RECORD_ALGORITHMS:
-                notes.append(f"{dist.name}: {e.path} recorded with hash {algo!r}, not checked")
+                # No installer writes another hash (PEP 376 wants sha256 or better): the file
+                # cannot be checked, and a file not checked is never clean.
+                gone = not os.path.lexists(e.path)
+                drift.append(
+                    Drift.at(
+                        "removed" if gone else "unreadable",
+                        e.path,
+                        dist.name,
+                        "recorded file is gone"
+                        if gone
+                        else f"RECORD gives hash {algo[:20]!r}, which cannot be checked",
+                        size_before=e.size,
+                    )
+                )
                 continue
             by_algo.setdefault(algo, []).append(e)
         for path in present:

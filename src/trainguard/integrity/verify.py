@@ -130,6 +130,9 @@ def verify_environment(
     ctime) instead of re-hashing (manifest mode only; see docs/verify-env.md).
     """
     started = time.perf_counter()
+    if packages is not None and not packages:
+        # "--packages ''" names nothing: checking nothing must not read as clean
+        raise IntegrityError("--packages names no distribution")
     sites = _sites(site_packages)
     env = os.environ if environ is None else environ
     search = sys.path if site_packages is None else []

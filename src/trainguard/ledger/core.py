@@ -181,6 +181,14 @@ class Ledger:
         self._queue: deque[_Pending] = deque()
         self._qlock = threading.Lock()  # guards _queue; never held while writing
         self._wlock = threading.Lock()  # one writer (drain) at a time in this process
+        #: this object's memory of the ledger's tail, kept outside the ledger (see
+        #: docs/ledger.md, "The tail"): how many entries it wrote, the (seq, hash) of the
+        #: highest it wrote, and the first seq it was given again below that: entries it
+        #: wrote were removed from the end. Once that happens the memory stays as it was.
+        self.written = 0
+        self.first_claim: tuple[int, str] | None = None
+        self.tail_claim: tuple[int, str] | None = None
+        self.cut_from: int | None = None
 
     # --- creating and opening -----------------------------------------------------
 
@@ -252,7 +260,9 @@ class Ledger:
         except BaseException:
             store.close()
             raise
-        return cls(folder, store, cert, entry.seq, run_key, rank)
+        ledger = cls(folder, store, cert, entry.seq, run_key, rank)
+        ledger._remember([entry])
+        return ledger
 
     @classmethod
     def open(
@@ -481,11 +491,27 @@ class Ledger:
             return out
 
         written = self.backend.append_all(build, timeout=timeout)
+        self._remember(written)
         with self._qlock:
             for item, entry in zip(batch, written, strict=True):
                 item.entry = entry
                 self._queue.popleft()
         return len(written)
+
+    def _remember(self, written: list[Entry]) -> None:
+        """Update the memory of the tail: a seq at or below the highest this object
+        wrote means entries were removed from the end (the numbers are handed out again)."""
+        if not written:
+            return
+        self.written += len(written)
+        if self.first_claim is None:
+            self.first_claim = (written[0].seq, written[0].hash)
+        if self.cut_from is not None:
+            return
+        if self.tail_claim is not None and written[0].seq <= self.tail_claim[0]:
+            self.cut_from = written[0].seq
+            return
+        self.tail_claim = (written[-1].seq, written[-1].hash)
 
     # --- reading ------------------------------------------------------------------
 

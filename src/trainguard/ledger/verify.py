@@ -218,6 +218,7 @@ def verify_entries(
             check.add(entry.seq, "after-close", "entry written after the run was closed")
         expected, prev = entry.seq + 1, entry.hash
         after_close = entry.kind == CLOSED_KIND
+    _check_tail(rows, check)
     for head in heads:
         _check_head(head, rows, check)
     if owner_keys is None and not heads:
@@ -226,9 +227,13 @@ def verify_entries(
             "from scratch under another key"
         )
     if not report.closed and not report.problems:
+        last = rows[-1]
         report.notes.append(
-            f"no {CLOSED_KIND} entry: the run is still running, crashed, or its tail was cut "
-            "(a head kept elsewhere tells these apart)"
+            f"not closed: no {CLOSED_KIND} entry; the ledger ends at entry {last.seq} "
+            f"({last.kind}, {last.time}). The run is still running, crashed, or everything "
+            "after that entry was deleted, closing entries included: the ledger's own tail "
+            "records only prove what came before them, so only a head kept elsewhere "
+            "(`trainguard ledger head`) tells these apart"
         )
     report.problems.sort(key=lambda p: p.seq)
     return report
@@ -365,3 +370,132 @@ def _check_head(head: SignedHead, rows: list[Entry], check: _Checker) -> None:
             f"entry {head.seq} differs from the head kept elsewhere: entries up to "
             f"{head.seq} were rewritten",
         )
+
+
+# --- the tail as the writers remember it (runtime/ledger_tail.py) -------------------------
+
+#: the kind of a record of the writers' tails (written by rank 0 at the Guard's checks)
+TAIL_KIND = "ledger.tail"
+
+
+class _Claim:
+    """ "A writer wrote entry ``seq`` with a hash starting ``digest``": from its memory."""
+
+    def __init__(self, seq: int, digest: str, rank: object, source: Entry, cut: int) -> None:
+        self.seq, self.digest, self.rank, self.source, self.cut = seq, digest, rank, source, cut
+
+
+def _check_tail(rows: list[Entry], check: _Checker) -> None:
+    """Entries cut from the end while they were last, shown by what their writers
+    remember: a recorded (seq, hash) proves that entry existed; a closing entry's count
+    proves how many entries its writer wrote. Only intact entries are read."""
+    bad = {p.seq for p in check.report.problems}
+    by_seq = {e.seq: e for e in rows}
+    writers: dict[tuple[str, int], list[int]] = {}
+    claims: list[_Claim] = []
+    counts: list[tuple[Entry, dict[str, object]]] = []
+    for entry in rows:
+        try:
+            actor = entry.actor
+            payload = entry.payload
+        except (ValueError, TypeError, AttributeError, RecursionError):
+            continue
+        writers.setdefault((actor.host, actor.pid), []).append(entry.seq)
+        if entry.seq in bad or entry.defect is not None or not isinstance(payload, dict):
+            continue
+        if entry.kind == TAIL_KIND:
+            for item in payload.get("tails") or ():
+                claim = _parse_claim(item[1:] if isinstance(item, list) else None, entry)
+                if claim is not None:
+                    claim.rank = item[0]
+                    claims.append(claim)
+        mine = payload.get("ledger")
+        if isinstance(mine, dict):
+            counts.append((entry, mine))
+            for name in ("first", "last"):
+                claim = _parse_claim(mine.get(name), entry, mine.get("cut_from"))
+                if claim is not None:
+                    claims.append(claim)
+    seen: set[tuple[int, str]] = set()
+    for claim in claims:
+        if (claim.seq, claim.digest) in seen:
+            continue
+        seen.add((claim.seq, claim.digest))
+        _check_claim(claim, by_seq, check)
+    for entry, mine in counts:
+        _check_count(entry, mine, writers, check)
+
+
+def _parse_claim(item: object, source: Entry, cut: object = None) -> _Claim | None:
+    if not isinstance(item, list) or len(item) < 2:
+        return None
+    seq, digest = item[0], item[1]
+    if not isinstance(seq, int) or not isinstance(digest, str) or seq < 1:
+        return None
+    if len(item) > 2:
+        cut = item[2]
+    rank = source.actor.rank
+    return _Claim(seq, digest.lower(), rank, source, cut if isinstance(cut, int) else 0)
+
+
+def _check_claim(claim: _Claim, by_seq: dict[int, Entry], check: _Checker) -> None:
+    entry = by_seq.get(claim.seq)
+    if entry is not None and entry.hash.startswith(claim.digest):
+        return
+    start = claim.cut if 0 < claim.cut <= claim.seq else claim.seq
+    span = f"entry {start}" if start == claim.seq else f"entries {start}-{claim.seq}"
+    said = f"entry {claim.source.seq} ({claim.source.kind})"
+    if claim.source.seq == claim.seq:
+        said = f"the {claim.source.kind} entry now numbered {claim.seq}"
+    now = (
+        "is missing"
+        if entry is None
+        else f"is now another entry ({entry.kind}): the run wrote on after the deletion"
+    )
+    check.add(
+        start,
+        "truncated",
+        f"{span} deleted from the end of the ledger while last: entry {claim.seq}, which rank "
+        f"{claim.rank} wrote (hash {claim.digest[:16]}..., as {said} records), {now}",
+    )
+
+
+def _check_count(
+    entry: Entry,
+    mine: dict[str, object],
+    writers: dict[tuple[str, int], list[int]],
+    check: _Checker,
+) -> None:
+    wrote, first = mine.get("entries"), mine.get("first")
+    if not isinstance(wrote, int) or not isinstance(first, list) or not first:
+        return
+    start = first[0]
+    if not isinstance(start, int):
+        return
+    actor = entry.actor
+    seqs = writers.get((actor.host, actor.pid), [])
+    found = _bisect_seqs(seqs, entry.seq) - _bisect_seqs(seqs, start)
+    if found >= wrote:
+        return
+    cut, gone = mine.get("cut_from"), wrote - found
+    check.add(
+        cut if isinstance(cut, int) and start <= cut < entry.seq else entry.seq,
+        "truncated",
+        f"rank {actor.rank} (pid {actor.pid} on {actor.host}) wrote {wrote} entries from entry "
+        f"{start} up to its closing entry {entry.seq}, which says so; {found} of them are in "
+        f"the ledger: {gone} {'was' if gone == 1 else 'were'} deleted from the end of the "
+        "ledger while last, "
+        f"between entries {start} and {entry.seq}, and the run wrote on",
+    )
+
+
+def _bisect_seqs(seqs: list[int], seq: int) -> int:
+    """How many of the sorted ``seqs`` are below ``seq``."""
+    lo, hi = 0, len(seqs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if seqs[mid] < seq:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

@@ -46,6 +46,13 @@ FIELDS = (
     "severity",
     "arrival_us",
     "lr0",
+    # the ledger's tail as this rank remembers it (runtime/ledger_tail.py)
+    "tail_seq",
+    "tail_hash",
+    "tail_cut",
+    "modes",
+    "attributes",
+    "buffers",
 )
 INDEX = {name: i for i, name in enumerate(FIELDS)}
 
@@ -61,6 +68,8 @@ GRADS_ALTERED = 128
 #: the rank's guard could not compute its row (a fault of its own, reported by that rank):
 #: its values are unknown, not different, and are compared with nothing
 GUARD_FAILED = 256
+#: a compared buffer written outside the model's forward (evidence only: runtime/modelstate.py)
+BUFFERS_WRITTEN = 512
 
 #: which evidence explains a disagreement on which field
 EVIDENCE = {
@@ -74,6 +83,9 @@ EVIDENCE = {
     "hyperparameters": HYPER_CHANGED,
     "lr": LR_OFF_SCHEDULE,
     "code": PATCHED,
+    "modes": PATCHED,
+    "attributes": PATCHED,
+    "buffers": BUFFERS_WRITTEN | PATCHED,
 }
 #: fields every replica must hold identical, and what a difference means
 MUST_AGREE = {
@@ -83,6 +95,9 @@ MUST_AGREE = {
     "lr": "uses another learning rate",
     "optimizer_state": "holds a different optimizer state",
     "code": "runs different code",
+    "modes": "has other modules in training or eval mode",
+    "attributes": "runs other module settings (dropout p, eps, momentum...)",
+    "buffers": "holds different buffers",
 }
 
 

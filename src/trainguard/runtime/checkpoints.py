@@ -27,6 +27,7 @@ from trainguard.runtime.fingerprint import (
 from trainguard.runtime.interface import Alert, GuardHalt
 
 if TYPE_CHECKING:
+    from trainguard.ledger import Ledger
     from trainguard.runtime.guard import Guard
 
 
@@ -55,7 +56,9 @@ def save(guard: Guard, path: str | os.PathLike[str], **extra: Any) -> Any:
     return saved
 
 
-def load(guard: Guard, path: str | os.PathLike[str], *, rollback: bool = False) -> Any:
+def load(
+    guard: Guard, path: str | os.PathLike[str], *, rollback: bool = False, fork: bool = False
+) -> Any:
     """Verify and restore a checkpoint; a tampered or foreign one halts before training.
 
     Resuming (a fresh process, before its first step) continues the step count from
@@ -64,6 +67,11 @@ def load(guard: Guard, path: str | os.PathLike[str], *, rollback: bool = False) 
     ledger with who asked for it, and what the restore does to the weights, the
     optimizer and the RNG is the job's own doing, not an alert. Restoring in the middle
     of training without declaring it is refused under policy "halt".
+
+    Lineage (:func:`lineage`): the run's latest recorded checkpoint is accepted; another
+    checkpoint this run saved only with ``rollback=True``; one of another run (or of no
+    run) only with ``fork=True``; a checkpoint signed for this run whose hash the ledger
+    does not record, never.
     """
     from trainguard import checkpoint
     from trainguard.errors import CheckpointError
@@ -86,7 +94,11 @@ def load(guard: Guard, path: str | os.PathLike[str], *, rollback: bool = False) 
     guard.seeds.active = False  # the restore sets the RNG states: not a re-seed
     try:
         loaded = checkpoint.load(
-            path, model=_unwrap(guard.model), optimizer=guard.optimizer, ledger=guard.ledger
+            path,
+            model=_unwrap(guard.model),
+            optimizer=guard.optimizer,
+            ledger=guard.ledger,
+            accept=lambda found: lineage(guard.ledger, found, rollback=rollback, fork=fork),
         )
     except CheckpointError as exc:
         alert = Alert(
@@ -107,19 +119,89 @@ def load(guard: Guard, path: str | os.PathLike[str], *, rollback: bool = False) 
     if loaded.step is not None:
         guard._step = int(loaded.step)
     restored(guard, rollback)
+    own = loaded.run_id == guard.ledger.run_id
     with contextlib.suppress(Error):
         guard.ledger.append(
-            "run.rollback" if rollback else "run.resumed",
+            "run.forked" if not own else "run.rollback" if rollback else "run.resumed",
             {
                 "path": str(path),
                 "from_step": previous,
                 "to_step": guard._step,
                 "checkpoint_run": loaded.run_id,
+                "manifest_blake3": loaded.manifest_hash,
                 "asked_by": guard.provenance.of_stack(sys._getframe(1)).where,
             },
             rank=guard.rank,
         )
     return loaded
+
+
+def lineage(ledger: Ledger, found: Any, *, rollback: bool, fork: bool) -> None:
+    """Refuse (CheckpointError, one line) a checkpoint outside the run's declared lineage.
+
+    ``found`` is what the signature vouches for (manifest hash, run id, step). The run's
+    latest checkpoint is the last one its ledger records as saved or loaded (a rollback,
+    resume or fork makes the restored one the latest); read from the signed entries of the
+    ledger, so a fresh process resuming a closed run knows it too.
+    """
+    from trainguard.errors import CheckpointError
+
+    latest, saved = recorded_checkpoints(ledger)
+    digest = found.manifest_hash
+    if latest is not None and digest == latest[0]:
+        return
+    where = f"checkpoint {found.path}" + ("" if found.step is None else f" (step {found.step})")
+    if found.run_id == ledger.run_id:
+        if digest not in saved:
+            raise CheckpointError(
+                f"{where} is signed for this run but the run's ledger records no such "
+                "checkpoint: refused"
+            )
+        if not rollback:
+            raise CheckpointError(
+                f"{where} is not this run's latest checkpoint (step "
+                f"{latest[1] if latest else None}); pass rollback=True to return to it"
+            )
+        return
+    if not fork:
+        source = f"run {found.run_id}" if found.run_id else "no run (signed by the owner key)"
+        raise CheckpointError(
+            f"{where} belongs to {source}, not to this run {ledger.run_id}; pass fork=True to "
+            "start from it"
+        )
+
+
+def recorded_checkpoints(ledger: Ledger) -> tuple[tuple[str, Any] | None, dict[str, Any]]:
+    """The run's latest checkpoint (manifest hash, step) and every checkpoint it saved
+    (hash -> step), from ledger entries signed by a run key its owner certified."""
+    from trainguard.ledger import chain
+
+    owner = ledger.certificate.owner_key_id
+    keys = {}
+    for entry in ledger.entries("run.certificate"):
+        with contextlib.suppress(Error):
+            cert = chain.Certificate.from_entry(entry)
+            if cert.owner_key_id == owner and cert.run_id == ledger.run_id:
+                keys[cert.run_key_id] = cert.run_public()
+    latest: tuple[int, str, Any] | None = None
+    saved: dict[str, Any] = {}
+    for kind in ("checkpoint.saved", "checkpoint.loaded"):
+        for entry in ledger.entries(kind):
+            key = keys.get(entry.key_id)
+            if key is None or entry.defect is not None or chain.recompute(entry) != entry.hash:
+                continue
+            if not chain.signature_ok(entry, key):
+                continue
+            try:
+                payload = entry.payload
+                digest = str(payload["manifest_blake3"])
+            except (ValueError, TypeError, KeyError, RecursionError):
+                continue
+            if kind == "checkpoint.saved":
+                saved[digest] = payload.get("step")
+            if latest is None or entry.seq > latest[0]:
+                latest = (entry.seq, digest, payload.get("step"))
+    return (latest[1:] if latest else None), saved
 
 
 def restored(guard: Guard, rollback: bool) -> None:

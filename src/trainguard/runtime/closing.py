@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from trainguard.errors import Severity
+from trainguard.runtime import ledger_tail
 from trainguard.runtime.interface import Alert, GuardHalt
 from trainguard.runtime.liveness import pid_alive
 
@@ -62,6 +63,8 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
         ("audit", "close"),
         ("comm", "close"),
         ("seeds", "restore"),
+        ("model_state", "close"),
+        ("hooks", "close"),
         ("provenance", "close"),
     )
     for name, stop in parts:
@@ -79,8 +82,11 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
         return
     if guard._ledger_lost:
         problem(guard, "writing the closing entries", "the run's ledger is gone (see the alert)")
+    tail = getattr(guard, "_tail", None)
+    if tail is not None:
+        attempt("writing the ledger's tail records", tail.flush)
     payload = closing_payload(guard, error)
-    append_once(guard, "rank", "rank.closed", payload)
+    append_once(guard, "rank", "rank.closed", _rank_payload(guard, payload))
     ended = False
     try:
         if not healthy:
@@ -95,6 +101,12 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
     if ended and guard.rank == 0:
         append_once(guard, "run", "run.closed", payload)
     attempt("closing the ledger", guard.ledger.close)
+
+
+def _rank_payload(guard: Guard, payload: dict[str, Any]) -> dict[str, Any]:
+    """A rank's closing entry also says which entries it wrote (ledger_tail.py)."""
+    mine = ledger_tail.closing_values(guard.ledger)
+    return payload if mine is None else {**payload, "ledger": mine}
 
 
 def problem(guard: Guard, what: str, exc: BaseException | str) -> None:
@@ -118,8 +130,11 @@ def close_before_death(guard: Guard) -> None:
         write_alerts_file(guard)
     except Exception as exc:
         problem(guard, "writing the alerts file", exc)
+    tail = getattr(guard, "_tail", None)
+    if tail is not None:
+        tail.flush(timeout=2.0)  # the process ends: what is not written by then is not
     payload = closing_payload(guard, None)
-    append_once(guard, "rank", "rank.closed", payload)
+    append_once(guard, "rank", "rank.closed", _rank_payload(guard, payload))
     try:
         ended = guard.rank == 0 and peers_closed(guard)
     except Exception as exc:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from trainguard.errors import Error, Severity
-from trainguard.runtime import agreement, checkpoints, closing
+from trainguard.runtime import agreement, checkpoints, closing, ledger_tail
 from trainguard.runtime.comm import CommTimer
 from trainguard.runtime.dynamics import (
     LearningRate,
@@ -61,10 +61,12 @@ from trainguard.runtime.fingerprint import (
 )
 from trainguard.runtime.interface import Alert, GuardError, GuardHalt, Policy, StepInfo
 from trainguard.runtime.liveness import SignalWatch, Watchdog
+from trainguard.runtime.modelstate import ModelState
 from trainguard.runtime.notify import Notifier
 from trainguard.runtime.provenance import Attribution, Origin, Provenance
 from trainguard.runtime.sensors import AuditSensor, HookWatch, PatchWatch, SeedWatch, arm
 from trainguard.runtime.startup import open_ledger, startup_line, verify_start
+from trainguard.runtime.update_check import UpdateCheck
 
 _VERSION = operator.attrgetter("_version")
 _log = logging.getLogger("trainguard.runtime")
@@ -213,8 +215,13 @@ class Guard:
             self.comm = CommTimer(model, lambda: (self._step + 1) % self.every == 0)
             self.comm.params = self._params
             self.comm.on_fault = self._sensor_failed
+            # before the patch snapshot: it wraps Module.__setattr__
+            self.model_state = ModelState(model, self.provenance)
+            self.model_state.on_fault = self._sensor_failed
             self.patches = PatchWatch((type(model), type(optimizer)))
-            self.hooks = HookWatch(model, optimizer)
+            self.hooks = HookWatch(model, optimizer, self.provenance)
+            if self.hooks.nodes is not None:
+                self.hooks.nodes.on_fault = self._sensor_failed
             self.audit = AuditSensor(
                 lambda e: self._event(e, agreement.AUDIT_EVENT), self.provenance
             )
@@ -225,6 +232,7 @@ class Guard:
             self.watchdog = Watchdog(hang_timeout, self._on_hang)
             self.watchdog.on_fault = self._sensor_failed
             self._straggler = agreement.Straggler()
+            self._tail = ledger_tail.TailRecord()
             self._compared: frozenset[str] = frozenset(agreement.MUST_AGREE)
             self._diverged: set[str] = set()
             self._pending_diverged: set[str] = set()
@@ -286,6 +294,7 @@ class Guard:
                 if self._versions_after is not None and self._versions() != self._versions_after:
                     self._versions_after = None
                     self._params_written("an in-place operation")
+                self._update.before_step()
             except Exception as exc:
                 self._guard_failed(exc, "the optimizer pre-step hook")
             finally:
@@ -297,6 +306,7 @@ class Guard:
             try:
                 self._versions_after = self._versions()
                 self._writes.after_step()
+                self._update.after_step()
             except Exception as exc:
                 self._versions_after = None
                 self._guard_failed(exc, "the optimizer post-step hook")
@@ -311,10 +321,15 @@ class Guard:
 
     def _new_dynamics(self) -> None:
         self._loss = RobustAnomaly("loss-anomaly", lambda i: i.loss, self.rank)
+        # a fresh key and baseline: after a rollback the restored values are the new normal
+        self._update = UpdateCheck(
+            self.model, self.optimizer, self.rank, clock=lambda: self._step, record=self._record
+        )
         self._detectors: list[Any] = [
             NonFinite(self.rank),
             self._loss,
             RobustAnomaly("grad-norm-anomaly", lambda i: i.grad_norm, self.rank),
+            self._update,
         ]
 
     def _params_written(self, how: str) -> None:
@@ -632,6 +647,7 @@ class Guard:
             ("the dynamics detectors", self._drain),
             ("the patch sensor", self._check_patches),
             ("the hook sensor", self._check_hooks),
+            ("the model-state sensor", self._check_model_state),
             ("the sensors' self-check", self._sensors_intact),
             ("the parameter write sensor", self._check_writes),
             ("the seed sensor", self._check_seed),
@@ -656,6 +672,7 @@ class Guard:
         self._diverged |= self._pending_diverged
         self._pending_diverged.clear()
         rows = table.tolist()
+        self._tail.at_check(self, rows, agreement.INDEX)
         busy = [row[agreement.INDEX["busy_us"]] / 1e6 for row in rows]
         arrival = [row[agreement.INDEX["arrival_us"]] / 1e6 for row in rows]
         window = len(self._busy_window)
@@ -675,6 +692,9 @@ class Guard:
 
     def _check_hooks(self) -> None:
         for kind, hook in self.hooks.changes():
+            if isinstance(hook, Attribution):  # an autograd node hook, seen as registered
+                self._attributed("hooks", f"a new {kind} registered after start", hook)
+                continue
             by = self._attribution(hook)
             if by.origin is Origin.MACHINERY and not _stateful(hook):
                 # a bare torch or standard-library function as a hook (torch.nn.init.zeros_
@@ -683,6 +703,12 @@ class Guard:
                 # norm) are torch's doing
                 by = Attribution(Origin.UNKNOWN, by.where)
             self._attributed("hooks", f"a new {kind} registered after start", by)
+
+    def _check_model_state(self) -> None:
+        for change, by in self.model_state.changes():
+            self._attributed("model-state", change, by)
+        if self.model_state.buffers_written():
+            self._flags |= agreement.BUFFERS_WRITTEN
 
     def _attribution(self, obj: Any) -> Attribution:
         """Who a replacement or a hook belongs to; an object that raises when looked at
@@ -788,10 +814,14 @@ class Guard:
             "severity": self._pending_severity,
             "arrival_us": 0,
             "lr0": float_bits(self._lr_used[0] if self._lr_used else 0.0),
+            **ledger_tail.row_values(self.ledger),
         }
+        values["modes"], values["attributes"] = self.model_state.digests()
+        values["buffers"] = 0  # hashed on the device below
         row = torch.tensor([values[name] for name in agreement.FIELDS], dtype=torch.int64)
         row = row.to(self.device)
         row[agreement.INDEX["params"]] = params_hash(self.model).to(self.device)
+        row[agreement.INDEX["buffers"]] = self.model_state.buffers_hash().to(self.device)
         if self._checks % STATE_EVERY == 0:
             # the optimizer state is three times the parameters: hashed every few checks
             self._state_hash = optimizer_state_hash(self.optimizer).to(self.device)
@@ -864,16 +894,20 @@ class Guard:
         """A signed checkpoint of model, optimizer and RNG, recorded in the ledger (rank 0)."""
         return checkpoints.save(self, path, **extra)
 
-    def load_checkpoint(self, path: str | os.PathLike[str], *, rollback: bool = False) -> Any:
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], *, rollback: bool = False, fork: bool = False
+    ) -> Any:
         """Verify and restore a checkpoint; a tampered or foreign one halts before training.
 
         Before the first step this is a resume: the step count continues from the
         checkpoint's. ``rollback=True`` declares a return to an earlier checkpoint of this
         run in the middle of training, recorded in the ledger with who asked for it; a
         restore in the middle of training that is not declared is an alert (a halt under
-        policy "halt"). See :mod:`trainguard.runtime.checkpoints`.
+        policy "halt"). Only the run's latest recorded checkpoint is taken without
+        ``rollback=True`` (an earlier one of this run) or ``fork=True`` (one of another
+        run); see :mod:`trainguard.runtime.checkpoints`.
         """
-        return checkpoints.load(self, path, rollback=rollback)
+        return checkpoints.load(self, path, rollback=rollback, fork=fork)
 
     def close(self, error: BaseException | None = None) -> None:
         """Write the closing entries (this rank's; rank 0 the run's) and the alerts file;

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from trainguard.artifacts.allowlist import rule_for
-from trainguard.runtime.provenance import Attribution, Origin, Provenance
+from trainguard.runtime.provenance import Attribution, Origin, Provenance, code_of
 
 _WATCHED_MODULES = (
     "torch",
@@ -296,21 +296,122 @@ def _hooks(model: torch.nn.Module, optimizer: Any) -> dict[str, dict[int, Any]]:
 
 class HookWatch:
     """Hooks present at start (the guard's own included); new ones are reported, each with
-    the hook itself so that it can be attributed to its code."""
+    the hook itself so that it can be attributed to its code.
 
-    def __init__(self, model: torch.nn.Module, optimizer: Any) -> None:
+    Hooks on autograd nodes (``loss.grad_fn.register_hook``, a parameter's
+    ``AccumulateGrad`` node's ``register_hook``/``register_prehook``) live in C++ where no
+    Python code can list them; given a ``provenance``, every registration is seen as it
+    happens (all go through ``torch.autograd.function._HookMixin._register_hook``) and is
+    reported with an :class:`Attribution` in place of the hook: the code that registered
+    it, or the hook's own code when that is unknown. Torch's own registrations for the
+    job (full backward module hooks) are the job's; DDP's reducer registers its hooks in
+    C++ and is not seen at all.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: Any, provenance: Provenance | None = None
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.known = {kind: set(hooks) for kind, hooks in _hooks(model, optimizer).items()}
+        self.nodes = NodeHooks(provenance) if provenance is not None else None
 
     def changes(self) -> Iterator[tuple[str, Any]]:
-        """(kind, hook) for each hook added since start (each reported once)."""
+        """(kind, hook) for each hook added since start (each reported once); for autograd
+        node hooks, (kind, Attribution)."""
         for kind, now in _hooks(self.model, self.optimizer).items():
             known = self.known.setdefault(kind, set())
             for ident, hook in now.items():
                 if ident not in known:
                     known.add(ident)
                     yield kind, hook
+        if self.nodes is not None:
+            yield from self.nodes.changes()
+
+    def close(self) -> None:
+        if self.nodes is not None:
+            self.nodes.close()
+
+
+_NODE_WATCHES: weakref.WeakSet[NodeHooks] = weakref.WeakSet()
+_node_installed: tuple[Any, Any] | None = None  # (original, wrapper) of _register_hook
+
+
+def _register_node_hook(backward_hooks: Any, hook: Any) -> Any:
+    assert _node_installed is not None
+    for watch in list(_NODE_WATCHES):
+        if watch.active:
+            try:
+                watch.saw(hook, sys._getframe(1))
+            except Exception as exc:  # the sensor's part; the registration is the job's
+                watch.on_fault("the autograd hook sensor", exc)
+    return _node_installed[0](backward_hooks, hook)
+
+
+class NodeHooks:
+    """Every hook registered on an autograd node, attributed when it is registered."""
+
+    KIND = "autograd node hook"
+
+    def __init__(self, provenance: Provenance) -> None:
+        global _node_installed
+        from torch.autograd.function import _HookMixin
+
+        self.provenance = provenance
+        self.active = True
+        self.on_fault: FaultCallback = log_fault
+        self._found: list[Attribution] = []
+        self._places: set[tuple[str, Origin]] = set()
+        self._tamper_reported = False
+        if _node_installed is None:
+            _node_installed = (_HookMixin._register_hook, _register_node_hook)
+            _HookMixin._register_hook = staticmethod(_register_node_hook)  # type: ignore[method-assign]
+        _NODE_WATCHES.add(self)
+        arm(self)
+
+    def saw(self, hook: Any, frame: Any) -> None:
+        by = self.provenance.of_stack(frame)
+        if by.trusted and code_of(hook) is not None:
+            own = self.provenance.of_callable(hook)
+            if own.origin is Origin.UNKNOWN:
+                by = own  # trusted code handed a hook nobody can vouch for
+        place = (by.where, by.origin)
+        if place not in self._places and len(self._found) < 256:
+            self._places.add(place)  # once per place: torch registers some every step
+            self._found.append(by)
+
+    def changes(self) -> Iterator[tuple[str, Attribution]]:
+        found, self._found = self._found, []
+        for by in found:
+            yield self.KIND, by
+        from torch.autograd.function import _HookMixin
+
+        current = vars(_HookMixin).get("_register_hook")
+        if (
+            not self._tamper_reported
+            and _node_installed is not None
+            and getattr(current, "__func__", None) is not _node_installed[1]
+        ):
+            self._tamper_reported = True
+            yield (
+                "autograd node hook sensor",
+                Attribution(Origin.UNKNOWN, "code that removed the guard's wrapper"),
+            )
+
+    def close(self) -> None:
+        global _node_installed
+        from torch.autograd.function import _HookMixin
+
+        self.active = False
+        _NODE_WATCHES.discard(self)
+        current = vars(_HookMixin).get("_register_hook")
+        if (
+            not any(w.active for w in _NODE_WATCHES)
+            and _node_installed is not None
+            and getattr(current, "__func__", None) is _node_installed[1]
+        ):
+            _HookMixin._register_hook = staticmethod(_node_installed[0])  # type: ignore[method-assign]
+            _node_installed = None
 
 
 _SEEDERS = (

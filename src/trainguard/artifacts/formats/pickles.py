@@ -41,8 +41,10 @@ STORAGE_ITEMSIZE = {
     "QUInt8": 1, "QInt32": 4, "QUInt4x2": 1, "QUInt2x4": 1, "Untyped": 1,
 }  # fmt: skip
 
-# Opcodes a protocol 0/1 pickle can start with (a protocol 2+ pickle starts with PROTO).
-_PROTO01_FIRST = frozenset(b"(cdl}]NIFLSVX)ijpgGJKMTUBCRP")
+# Opcodes a pickle can start with besides PROTO. The unpickler does not check opcodes
+# against the protocol, so a stream with no PROTO may open with a protocol 2-5 opcode
+# (FRAME, SHORT_BINUNICODE, NEWTRUE, LONG1, ...) and still run under pickle.load.
+_PROTO01_FIRST = frozenset(b"(cdl}]NIFLSVX)ijpgGJKMTUBCRP\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x95\x96")
 
 
 def itemsize_of(storage: Value) -> int | None:

@@ -1,0 +1,617 @@
+"""Update integrity: the optimizer's step recomputed on a secret sample of coordinates.
+
+The invariant: what ``optimizer.step`` writes into a parameter is a known function of
+what it read (the parameter, its gradient, the optimizer state and the group's settings).
+torch's ``SGD``, ``Adam`` and ``AdamW`` (single-tensor, foreach and fused) are modelled
+here, in float64, from their sources. Before every step a few coordinates are read, after
+it their new values; a coordinate that did not become what the optimizer computes is a
+HIGH alert naming this rank, whatever changed it: an edited torch source, a patched
+function or closure, a wrapper around ``step``, state or settings changed in place.
+
+Between steps the optimizer state (and a parameter whose version counter did not move,
+as ``p.data.add_`` leaves it) must not change either: the coordinates of step ``n + 1``
+are drawn at the end of step ``n`` and their values kept until step ``n + 1`` begins.
+
+The coordinates are drawn by a keyed hash of the optimizer step count under a key from
+``os.urandom`` taken at start (never torch's, NumPy's or Python's generators, which the
+job owns and an attacker can steer): code that does not hold the key cannot tell which
+coordinates will be read. Per step, ``tensors`` tensors are drawn (the first with a
+probability proportional to its size, the next uniformly among tensors, and so on in
+turn), and ``coordinates / tensors`` coordinates in each. A persistent corruption of a
+fraction ``f`` of the coordinates is missed by one step's size-weighted draw with
+probability at most ``1 - f`` (``(1 - f) ** 32`` when it is spread evenly), so after ``n``
+steps at most ``(1 - f) ** n``; a corruption of one whole tensor among ``T`` is found by
+one uniform draw with probability ``1 / T`` per step.
+
+Optimizers or options it does not model (another class, ``differentiable``,
+``capturable``, complex parameters, sparse gradients) are recorded once as unchecked,
+never guessed at. Values are read without a device sync; they are compared when the
+guard drains its detectors (at checks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainguard.errors import Severity
+from trainguard.runtime.interface import Alert, StepInfo
+
+#: coordinates read per optimizer step, over ``DEFAULT_TENSORS`` tensors
+DEFAULT_COORDINATES = 64
+DEFAULT_TENSORS = 2
+#: slack, in units of the dtype's epsilon times the magnitude of the terms summed
+_SLACK = 8.0
+#: pending records kept for the next drain before they are compared on the spot
+_MAX_PENDING = 256
+
+#: the group settings the updates read (read at the pre-step: a scheduler's change counts)
+_SETTINGS = (
+    "lr",
+    "eps",
+    "weight_decay",
+    "momentum",
+    "dampening",
+    "nesterov",
+    "maximize",
+    "amsgrad",
+    "decoupled_weight_decay",
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+)
+_STATE_FIELDS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+
+
+def _kind(optimizer: Any) -> str | None:
+    kind = type(optimizer)
+    if kind is torch.optim.SGD:
+        return "sgd"
+    if kind is torch.optim.Adam or kind is torch.optim.AdamW:
+        return "adam"
+    return None
+
+
+def _take(tensor: torch.Tensor, index: np.ndarray) -> Any:
+    """The values at flat ``index``, as a small tensor on the tensor's device (no sync)."""
+    t = tensor.detach()
+    return torch.take(t, torch.from_numpy(index).to(t.device, non_blocking=True))
+
+
+def _flat(tensor: torch.Tensor) -> np.ndarray | None:
+    """A flat NumPy view of a contiguous CPU float tensor (bf16 as its int16 bits)."""
+    t = tensor.detach()
+    if t.device.type != "cpu" or not t.is_contiguous() or t.is_complex():
+        return None
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().reshape(-1)
+    if t.dtype in (torch.float32, torch.float64, torch.float16):
+        return t.numpy().reshape(-1)
+    return None
+
+
+class _Views:
+    """Flat NumPy views of the parameters and their state, kept across steps (one per
+    parameter and field, so replaced tensors are let go): reading a few coordinates of a
+    CPU tensor is then one fancy index instead of a tensor operation."""
+
+    def __init__(self) -> None:
+        self._views: dict[tuple[int, str], tuple[torch.Tensor, int, np.ndarray | None]] = {}
+
+    def take(self, key: tuple[int, str], tensor: torch.Tensor, index: np.ndarray) -> Any:
+        view = self._views.get(key)
+        if view is None or view[0] is not tensor or view[1] != tensor.data_ptr():
+            view = (tensor, tensor.data_ptr(), _flat(tensor))
+            self._views[key] = view
+        flat = view[2]
+        if flat is None:
+            return _take(tensor, index)
+        if flat.dtype == np.int16:
+            return ("bf16", flat[index])
+        return flat[index]
+
+    def clear(self) -> None:
+        self._views.clear()
+
+
+def _f64(values: Any) -> np.ndarray:
+    if isinstance(values, tuple):  # bf16 bits: the upper half of a float32
+        bits = values[1].astype(np.uint16).astype(np.uint32) << 16
+        out: np.ndarray = bits.view(np.float32).astype(np.float64)
+        return out
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(torch.float64).cpu().numpy().reshape(-1)
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def _scalar(value: Any) -> Any:
+    """A setting or a step count: a float, or a copy kept on its device (no sync)."""
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.device.type == "cpu" else value.detach().clone()
+    return value
+
+
+def _first(value: Any) -> float:
+    return float(_f64(_scalar_value(value))[0])
+
+
+def _num(value: Any) -> float:
+    return float(value) if value is not None else 0.0
+
+
+class _Unsupported(Exception):
+    """An option met while reading that the check does not model."""
+
+
+@dataclass
+class _Reading:
+    """One tensor's sampled coordinates, read at one moment."""
+
+    param: Any
+    version: int
+    pointer: int
+    grad: Any = None  # None: no gradient, torch skips the parameter
+    state: dict[str, tuple[torch.Tensor, Any]] = field(default_factory=dict)
+    step: Any = None
+
+
+@dataclass
+class _Slot:
+    """A tensor of the sample and what was read of it around one step."""
+
+    index: int  # position in the optimizer's flat parameter list
+    coords: np.ndarray
+    baseline: _Reading | None = None  # at the end of the previous step
+    before: _Reading | None = None
+    after: _Reading | None = None
+    group: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Record:
+    step: int
+    slots: list[_Slot]
+    scale: Any = None
+    found_inf: Any = None
+
+
+class UpdateCheck:
+    """The update-integrity detector; see the module docstring."""
+
+    name = "update"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        rank: int,
+        *,
+        clock: Callable[[], int],
+        record: Callable[[dict[str, Any]], None],
+        coordinates: int = DEFAULT_COORDINATES,
+        tensors: int = DEFAULT_TENSORS,
+        key: bytes | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.rank = rank
+        self.clock = clock
+        self.record = record
+        self.tensors = max(1, tensors)
+        self.per_tensor = max(1, coordinates // self.tensors)
+        self._key = key if key is not None else os.urandom(32)
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._kind = _kind(optimizer)
+        self._count = 0  # optimizer steps seen: the draw's counter
+        self._next: list[_Slot] | None = None  # drawn for the next step, with baselines
+        self._next_for = -1  # the step count it was drawn for
+        self._current: _Record | None = None
+        self._pending: list[_Record] = []
+        self._reported: set[str] = set()
+        self._unchecked: set[str] = set()
+        self._layout: tuple[int, ...] = ()
+        self._params: list[torch.Tensor] = []
+        self._groups: list[int] = []
+        self._cumulative = np.zeros(0, dtype=np.uint64)
+        self._complex = False
+        self._views = _Views()
+        self._fields = _STATE_FIELDS[self._kind or "sgd"]
+
+    # --- drawing ----------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        groups = self.optimizer.param_groups
+        layout = tuple(len(g["params"]) for g in groups)
+        if layout == self._layout:
+            return
+        self._layout = layout
+        self._params = [p for g in groups for p in g["params"]]
+        self._groups = [i for i, g in enumerate(groups) for _ in g["params"]]
+        sizes = np.array([max(p.numel(), 0) for p in self._params], dtype=np.uint64)
+        self._cumulative = np.cumsum(sizes, dtype=np.uint64)
+        self._complex = any(p.is_complex() for p in self._params)
+        self._views.clear()
+        self._next = None
+
+    def _draw(self, n: int) -> list[_Slot]:
+        total = int(self._cumulative[-1]) if len(self._cumulative) else 0
+        if total == 0:
+            return []
+        width = self.tensors * (1 + self.per_tensor)
+        digest = hashlib.shake_256(self._key + n.to_bytes(8, "little")).digest(8 * width)
+        words = np.frombuffer(digest, dtype=np.uint64).reshape(self.tensors, 1 + self.per_tensor)
+        slots = []
+        for i, row in enumerate(words):
+            if i % 2 == 0:  # by size: every coordinate equally likely
+                at = np.uint64(int(row[0]) % total)
+                index = int(np.searchsorted(self._cumulative, at, side="right"))
+            else:  # by tensor: a small tensor (a bias, a norm) as likely as a large one
+                index = int(row[0]) % len(self._params)
+            size = self._params[index].numel()
+            if size:
+                slots.append(_Slot(index, (row[1:] % np.uint64(size)).astype(np.int64)))
+        return slots
+
+    # --- reading ----------------------------------------------------------------------
+
+    def _read(self, slot: _Slot, *, grad: bool) -> _Reading:
+        i, p, coords = slot.index, self._params[slot.index], slot.coords
+        reading = _Reading(self._views.take((i, ""), p, coords), p._version, p.data_ptr())
+        if grad and p.grad is not None:
+            if p.grad.is_sparse:
+                raise _Unsupported(f"{type(self.optimizer).__name__} with sparse gradients")
+            # a new tensor at every zero_grad: not worth a kept view
+            g = _flat(p.grad)
+            reading.grad = _take(p.grad, coords) if g is None else g[coords]
+            if g is not None and g.dtype == np.int16:
+                reading.grad = ("bf16", reading.grad)
+        state = self.optimizer.state.get(p)
+        if state:
+            for name in self._fields:
+                value = state.get(name)
+                if isinstance(value, torch.Tensor) and value.numel() == p.numel():
+                    reading.state[name] = (value, self._views.take((i, name), value, coords))
+            step = state.get("step")
+            if isinstance(step, torch.Tensor) and step.numel() == 1:
+                reading.step = (step, self._views.take((i, "step"), step, _FIRST))
+            elif step is not None:
+                reading.step = (step, step)
+        return reading
+
+    def _unsupported(self) -> str | None:
+        if self._kind is None:
+            return f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}"
+        for group in self.optimizer.param_groups:
+            for option in ("differentiable", "capturable"):
+                if group.get(option):
+                    return f"{type(self.optimizer).__name__} with {option}=True"
+        if self._complex:
+            return f"{type(self.optimizer).__name__} with complex parameters"
+        return None
+
+    def before_step(self) -> None:
+        """The optimizer's step pre-hook: read the sample drawn for this step."""
+        self._current = None
+        self._refresh()
+        reason = self._unsupported()
+        slots: list[_Slot] | None = None
+        if reason is None:
+            slots = self._next if self._next_for == self._count and self._next else None
+            if slots is None:
+                slots = self._draw(self._count)
+            try:
+                self._read_before(slots)
+            except _Unsupported as exc:
+                reason = str(exc)
+        self._next = None
+        if reason is not None or slots is None:
+            self._unchecked_once(reason or "")
+            return
+        record = _Record(self.clock(), slots)
+        record.scale = _scalar(getattr(self.optimizer, "grad_scale", None))
+        record.found_inf = _scalar(getattr(self.optimizer, "found_inf", None))
+        self._current = record
+
+    def _read_before(self, slots: list[_Slot]) -> None:
+        groups = self.optimizer.param_groups
+        settings: dict[int, dict[str, Any]] = {}
+        for slot in slots:
+            slot.before = self._read(slot, grad=True)
+            g = self._groups[slot.index]
+            if g not in settings:
+                group = groups[g]
+                settings[g] = {k: _scalar(group[k]) for k in _SETTINGS if k in group}
+                if "betas" in group:
+                    settings[g]["betas"] = tuple(_scalar(b) for b in group["betas"])
+            slot.group = settings[g]
+
+    def _unchecked_once(self, reason: str) -> None:
+        if reason not in self._unchecked:
+            self._unchecked.add(reason)
+            self.record(
+                {
+                    "step": self.clock(),
+                    "rank": self.rank,
+                    "event": "update-unchecked",
+                    "detail": f"optimizer updates not recomputed: {reason}",
+                }
+            )
+
+    def after_step(self) -> None:
+        """The optimizer's step post-hook: read what the step wrote; draw the next sample
+        and keep its values, to be compared when the next step begins."""
+        record, self._current = self._current, None
+        self._count += 1
+        if record is None:
+            self._next = None  # nothing read before this step: no baseline after it
+            return
+        for slot in record.slots:
+            slot.after = self._read(slot, grad=False)
+        self._pending.append(record)
+        nxt = self._draw(self._count)
+        for slot in nxt:
+            slot.baseline = self._read(slot, grad=False)
+        self._next, self._next_for = nxt, self._count
+        if len(self._pending) > _MAX_PENDING:
+            self._alerts_now()
+
+    def reset(self) -> None:
+        """A new baseline (after a declared restore): nothing read so far is compared."""
+        self._next = None
+        self._current = None
+        self._pending.clear()
+
+    # --- comparing --------------------------------------------------------------------
+
+    def on_step(self, info: StepInfo) -> Iterable[Alert]:
+        return self._alerts_now()
+
+    def _alerts_now(self) -> list[Alert]:
+        pending, self._pending = self._pending, []
+        alerts = []
+        for record in pending:
+            for kind, text, details in self._compare(record):
+                if kind in self._reported:
+                    continue
+                self._reported.add(kind)
+                alerts.append(
+                    Alert(record.step, self.rank, self.name, Severity.HIGH, text, details)
+                )
+        return alerts
+
+    def _compare(self, record: _Record) -> list[tuple[str, str, dict[str, Any]]]:
+        found: list[tuple[str, str, dict[str, Any]]] = []
+        skipped = record.found_inf is not None and _num(_scalar_value(record.found_inf)) != 0
+        scale = _scalar_value(record.scale)
+        for slot in record.slots:
+            p = self._params[slot.index]
+            name = self._names.get(id(p), f"param[{slot.index}]")
+            before, after = slot.before, slot.after
+            assert before is not None
+            assert after is not None
+            eps = float(torch.finfo(p.dtype).eps)
+            if slot.baseline is not None:
+                found += _between(name, slot, eps)
+            if skipped or before.grad is None:
+                # torch leaves the parameter and its state as they were
+                found += _unchanged(name, slot, "a step that torch skips for this parameter")
+                continue
+            model = _sgd if self._kind == "sgd" else _adam
+            g = _f64(before.grad)
+            if scale is not None:
+                g = g / float(scale)
+            with np.errstate(all="ignore"):  # non-finite inputs are NonFinite's to report
+                checks = model(slot, g, eps)
+            for field_name, expected, actual, tol in checks:
+                bad = _mismatch(expected, actual, tol)
+                if bad is not None:
+                    found.append(_finding(name, slot, field_name, bad, expected, actual, tol))
+        return found
+
+
+def _scalar_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return float(value.cpu())
+    return value
+
+
+def _mismatch(expected: np.ndarray, actual: np.ndarray, tol: np.ndarray) -> int | None:
+    with np.errstate(invalid="ignore", over="ignore"):
+        ok = np.abs(actual - expected) <= tol
+    # a coordinate whose inputs were not finite is the NonFinite detector's
+    ok |= ~np.isfinite(expected)
+    wrong = np.flatnonzero(~ok)
+    return int(wrong[0]) if len(wrong) else None
+
+
+def _finding(
+    name: str,
+    slot: _Slot,
+    what: str,
+    i: int,
+    expected: np.ndarray,
+    actual: np.ndarray,
+    tol: np.ndarray,
+) -> tuple[str, str, dict[str, Any]]:
+    coord = int(slot.coords[i])
+    where = "" if what == "param" else f"{what} of "
+    text = (
+        f"optimizer.step did not compute the update: {where}{name}[{coord}] became "
+        f"{float(actual[i])!r}, expected {float(expected[i])!r} (tolerance {float(tol[i]):.3g})"
+    )
+    details = {
+        "kind": "update",
+        "param": name,
+        "coordinate": coord,
+        "field": what,
+        "expected": float(expected[i]),
+        "actual": float(actual[i]),
+        "tolerance": float(tol[i]),
+    }
+    return "update", text, details
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    same: np.ndarray = (a == b) | (np.isnan(a) & np.isnan(b))
+    return same
+
+
+def _between(name: str, slot: _Slot, eps: float) -> list[tuple[str, str, dict[str, Any]]]:
+    """Values that changed between the end of the previous step and this one."""
+    base, now = slot.baseline, slot.before
+    assert base is not None
+    assert now is not None
+    changes: list[tuple[str, np.ndarray, np.ndarray]] = []
+    # a write the version counter saw (or a new storage) is the params-written sensor's
+    if base.version == now.version and base.pointer == now.pointer:
+        changes.append(("param", _f64(base.param), _f64(now.param)))
+    for key, (tensor, values) in base.state.items():
+        current = now.state.get(key)
+        # a state tensor replaced (load_state_dict) is a restore, not a write
+        if current is not None and current[0] is tensor:
+            changes.append((key, _f64(values), _f64(current[1])))
+    if base.step is not None and now.step is not None and base.step[0] is now.step[0]:
+        changes.append(
+            ("step", _f64(_scalar_value(base.step[1])), _f64(_scalar_value(now.step[1])))
+        )
+    found = []
+    for what, was, became in changes:
+        wrong = np.flatnonzero(~_equal(was, became))
+        if len(wrong):
+            i = int(wrong[0])
+            coord = int(slot.coords[i]) if what != "step" else 0
+            where = "" if what == "param" else f"{what} of "
+            text = (
+                f"written between optimizer steps, outside them: {where}{name}[{coord}] "
+                f"was {float(was[i])!r} after a step and {float(became[i])!r} before the next"
+            )
+            details = {"kind": "between", "param": name, "coordinate": coord, "field": what}
+            details.update(expected=float(was[i]), actual=float(became[i]))
+            found.append(("between", text, details))
+    return found
+
+
+def _unchanged(name: str, slot: _Slot, why: str) -> list[tuple[str, str, dict[str, Any]]]:
+    before, after = slot.before, slot.after
+    assert before is not None
+    assert after is not None
+    was, became = _f64(before.param), _f64(after.param)
+    wrong = np.flatnonzero(~_equal(was, became))
+    if not len(wrong):
+        return []
+    i = int(wrong[0])
+    text = (
+        f"optimizer.step changed {name}[{int(slot.coords[i])}] from {float(was[i])!r} to "
+        f"{float(became[i])!r} in {why}"
+    )
+    details = {"kind": "update", "param": name, "coordinate": int(slot.coords[i])}
+    details.update(field="param", expected=float(was[i]), actual=float(became[i]))
+    return [("update", text, details)]
+
+
+_Check = tuple[str, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _state(reading: _Reading, name: str) -> np.ndarray | None:
+    value = reading.state.get(name)
+    return _f64(value[1]) if value is not None else None
+
+
+def _sgd(slot: _Slot, g: np.ndarray, eps: float) -> list[_Check]:
+    """torch.optim.sgd: ``_single_tensor_sgd``, ``_multi_tensor_sgd``, ``_fused_sgd``."""
+    before, after, h = slot.before, slot.after, slot.group
+    assert before is not None
+    assert after is not None
+    p = _f64(before.param)
+    lr, wd = _num(_scalar_value(h["lr"])), _num(_scalar_value(h.get("weight_decay", 0)))
+    momentum, dampening = _num(h.get("momentum", 0)), _num(h.get("dampening", 0))
+    if h.get("maximize"):
+        g = -g
+    mag = np.abs(g)
+    if wd != 0:
+        g = g + wd * p
+        mag = mag + wd * np.abs(p)
+    checks: list[_Check] = []
+    d, dmag = g, mag
+    if momentum != 0:
+        prev = _state(before, "momentum_buffer")
+        buf = _state(after, "momentum_buffer")
+        if prev is None:  # the first step: the buffer is the gradient
+            expected, bmag = g, mag
+        else:
+            expected = momentum * prev + (1 - dampening) * g
+            bmag = momentum * np.abs(prev) + (1 - dampening) * mag
+        if buf is None:
+            buf = np.full_like(expected, np.nan)
+        checks.append(("momentum_buffer", expected, buf, _SLACK * eps * bmag + _TINY))
+        if h.get("nesterov"):
+            d, dmag = g + momentum * buf, mag + momentum * np.abs(buf)
+        else:
+            d, dmag = buf, np.abs(buf)
+    new = p - lr * d
+    tol = eps * (np.abs(p) + np.abs(new)) + _SLACK * eps * lr * dmag + _TINY
+    checks.append(("param", new, _f64(after.param), tol))
+    return checks
+
+
+def _adam(slot: _Slot, g: np.ndarray, eps: float) -> list[_Check]:
+    """torch.optim.adam (AdamW is Adam with ``decoupled_weight_decay``):
+    ``_single_tensor_adam``, ``_multi_tensor_adam``, ``_fused_adam``."""
+    before, after, h = slot.before, slot.after, slot.group
+    assert before is not None
+    assert after is not None
+    p = _f64(before.param)
+    lr, wd = _num(_scalar_value(h["lr"])), _num(_scalar_value(h.get("weight_decay", 0)))
+    beta1, beta2 = (_num(_scalar_value(b)) for b in h["betas"])
+    if h.get("maximize"):
+        g = -g
+    mag = np.abs(g)
+    p0 = p
+    if wd != 0:
+        if h.get("decoupled_weight_decay"):
+            p0 = p * (1 - lr * wd)
+        else:
+            g = g + wd * p
+            mag = mag + wd * np.abs(p)
+    zero = np.zeros_like(p)
+    m = _state(before, "exp_avg")
+    v = _state(before, "exp_avg_sq")
+    m, v = (zero if m is None else m), (zero if v is None else v)
+    step = _first(before.step[1]) if before.step is not None else 0.0
+    m_new, v_new = _state(after, "exp_avg"), _state(after, "exp_avg_sq")
+    missing = np.full_like(p, np.nan)
+    m_new = missing if m_new is None else m_new
+    v_new = missing if v_new is None else v_new
+    m_exp = beta1 * m + (1 - beta1) * g
+    m_tol = _SLACK * eps * (np.abs(m) + (1 - beta1) * (mag + np.abs(m))) + _TINY
+    v_exp = beta2 * v + (1 - beta2) * g * g
+    v_tol = _SLACK * eps * (beta2 * v + (1 - beta2) * mag * mag) + _TINY
+    checks: list[_Check] = [("exp_avg", m_exp, m_new, m_tol), ("exp_avg_sq", v_exp, v_new, v_tol)]
+    step_after = _first(after.step[1]) if after.step is not None else np.nan
+    one = np.ones(1)
+    checks.append(("step", one * (step + 1), one * step_after, one * 0.0))
+    t = step + 1
+    denom_v = v_new
+    if h.get("amsgrad"):
+        vmax = _state(before, "max_exp_avg_sq")
+        vmax = zero if vmax is None else vmax
+        vmax_new = _state(after, "max_exp_avg_sq")
+        vmax_new = missing if vmax_new is None else vmax_new
+        checks.append(("max_exp_avg_sq", np.maximum(vmax, v_new), vmax_new, v_tol))
+        denom_v = vmax_new
+    denom = np.sqrt(denom_v) / np.sqrt(1 - beta2**t) + _num(_scalar_value(h["eps"]))
+    delta = lr / (1 - beta1**t) * m_new / denom
+    new = p0 - delta
+    tol = eps * (np.abs(p) + np.abs(new)) + _SLACK * eps * np.abs(delta) + _TINY
+    checks.append(("param", new, _f64(after.param), tol))
+    return checks
+
+
+_TINY = float(np.finfo(np.float32).tiny)
+_FIRST = np.zeros(1, dtype=np.int64)
