@@ -100,7 +100,7 @@ def train(
 
 
 def attach(model: torch.nn.Module, opt: Any, events: list[dict[str, Any]]) -> UpdateCheck:
-    check = UpdateCheck(model, opt, 0, clock=lambda: 0, record=events.append)
+    check = UpdateCheck(model, opt, 0, clock=lambda: 0, record=events.append, rate=1.0)
     check.alerts = []  # type: ignore[attr-defined]
     opt.register_step_pre_hook(lambda *_: check.before_step())
     opt.register_step_post_hook(lambda *_: check.after_step())
@@ -214,6 +214,7 @@ def test_options_not_modelled_are_recorded_once():
         0,
         clock=lambda: 0,
         record=events.append,
+        rate=1.0,
     )
     for _ in range(3):
         check.before_step()
@@ -262,6 +263,7 @@ def guarded(tmp_path: Path, key: Path, kind: Any = optim.Adam, **settings: Any) 
         owner_key=key,
         verify_env=False,
         code_roots=[__file__],
+        update_rate=1.0,  # every step, so each means is caught by a known step
     )
     return model, opt, guard
 
@@ -446,3 +448,54 @@ def test_only_the_patched_rank_is_named(tmp_path, owner_key):
     assert found[0] == []
     assert found[1]
     assert {a["rank"] for a in found[1]} == {1}
+
+
+def test_checked_steps_are_a_keyed_sixteenth_at_the_default_rate():
+    """At the default rate one optimizer step in 16 is checked, drawn under the key: the
+    steps differ from key to key, so nobody without it can keep to unchecked ones."""
+    model = net()
+    opt = optim.SGD(model.parameters(), lr=1e-2)
+    one = UpdateCheck(model, opt, 0, clock=lambda: 0, record=print, key=b"a" * 32)
+    two = UpdateCheck(model, opt, 0, clock=lambda: 0, record=print, key=b"b" * 32)
+    first = {n for n in range(3200) if one._chosen(n)}
+    second = {n for n in range(3200) if two._chosen(n)}
+    assert 150 <= len(first) <= 250  # 200 expected
+    assert 150 <= len(second) <= 250
+    assert len(first & second) < 40  # independent draws: about 12 in common
+    with pytest.raises(ValueError, match="rate"):
+        UpdateCheck(model, opt, 0, clock=lambda: 0, record=print, rate=0.0)
+
+
+def test_a_persistent_wrong_update_is_caught_at_the_default_rate(monkeypatch):
+    """torch's SGD patched to reverse its update on every step, at the default rate:
+    caught within two check intervals of the default every=50 (1 - (15/16)**100 = 99.8%
+    per run; the key here is fixed so the test is exact)."""
+    import torch.optim.sgd as sgd_module
+
+    original = sgd_module._single_tensor_sgd
+
+    def reversed_sgd(params: list[torch.Tensor], *args: Any, **kwargs: Any) -> None:
+        before = [p.detach().clone() for p in params]
+        original(params, *args, **kwargs)
+        with torch.no_grad():
+            for p, b in zip(params, before, strict=True):
+                p.copy_(b - (p - b))
+
+    model = net()
+    opt = optim.SGD(model.parameters(), lr=1e-2, foreach=False)
+    check = UpdateCheck(model, opt, 0, clock=lambda: 0, record=print, key=b"c" * 32)
+    opt.register_step_pre_hook(lambda *a: check.before_step())
+    opt.register_step_post_hook(lambda *a: check.after_step())
+    monkeypatch.setattr(sgd_module, "_single_tensor_sgd", reversed_sgd)
+    gen = torch.Generator().manual_seed(3)
+    found = None
+    for step in range(100):
+        opt.zero_grad()
+        x = torch.randn(16, 8, generator=gen)
+        torch.nn.functional.mse_loss(model(x), x[:, :1]).backward()
+        opt.step()
+        if list(check.on_step(StepInfo(0, None, [], None))):
+            found = step
+            break
+    assert found is not None
+    assert found >= 1  # not every step is checked: the first one drawn under this key

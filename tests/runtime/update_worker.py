@@ -32,7 +32,14 @@ def main() -> None:
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     guard = trainguard.Guard(
-        model, optimizer, run_dir=run_dir, every=5, owner_key=key, seed=0, verify_env=False
+        model,
+        optimizer,
+        run_dir=run_dir,
+        every=5,
+        owner_key=key,
+        seed=0,
+        verify_env=False,
+        update_rate=1.0,
     )
     data = torch.Generator().manual_seed(100 + rank)
     original = adam._single_tensor_adam

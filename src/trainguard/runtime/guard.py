@@ -66,7 +66,7 @@ from trainguard.runtime.notify import Notifier
 from trainguard.runtime.provenance import Attribution, Origin, Provenance
 from trainguard.runtime.sensors import AuditSensor, HookWatch, PatchWatch, SeedWatch, arm
 from trainguard.runtime.startup import open_ledger, startup_line, verify_start
-from trainguard.runtime.update_check import UpdateCheck
+from trainguard.runtime.update_check import DEFAULT_RATE, UpdateCheck
 
 _VERSION = operator.attrgetter("_version")
 _log = logging.getLogger("trainguard.runtime")
@@ -108,9 +108,13 @@ class Guard:
         hook: str | None = None,
         group: Any = None,
         code_roots: Sequence[str | os.PathLike[str]] = (),
+        update_rate: float = DEFAULT_RATE,
     ) -> None:
         if every < 1:
             raise GuardError("every must be at least 1")
+        if not 0.0 < update_rate <= 1.0:
+            raise GuardError(f"update_rate must be in (0, 1], not {update_rate}")
+        self._update_rate = update_rate
         if policy not in ("alert", "halt"):
             raise GuardError(f"policy must be 'alert' or 'halt', not {policy!r}")
         self.model = model
@@ -323,7 +327,12 @@ class Guard:
         self._loss = RobustAnomaly("loss-anomaly", lambda i: i.loss, self.rank)
         # a fresh key and baseline: after a rollback the restored values are the new normal
         self._update = UpdateCheck(
-            self.model, self.optimizer, self.rank, clock=lambda: self._step, record=self._record
+            self.model,
+            self.optimizer,
+            self.rank,
+            clock=lambda: self._step,
+            record=self._record,
+            rate=self._update_rate,
         )
         self._detectors: list[Any] = [
             NonFinite(self.rank),
