@@ -58,17 +58,24 @@ def reason(exc: OSError) -> str:
 def open_regular(path: str | os.PathLike[str], what: str = "file") -> int:
     """A read-only descriptor on ``path``, refused (InputError) unless it is a regular file.
 
-    Opened non-blocking, so a FIFO is seen for what it is instead of waiting for a writer.
+    A FIFO, a device or a socket is refused from its ``stat``, before it is opened
+    (opening a FIFO waits for a writer; opening some devices has effects), and again
+    from the descriptor (replaced between the two). Opened non-blocking for the same
+    reason; the descriptor is blocking again when returned.
     """
+
+    def refuse_special(info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{_name(path)}: {what} is {describe_mode(info.st_mode)}, not a file")
+
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
+        refuse_special(os.stat(path))
         fd = os.open(path, flags)
     except OSError as exc:
         raise InputError(f"{_name(path)}: cannot read {what}: {reason(exc)}") from exc
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"{_name(path)}: {what} is {describe_mode(info.st_mode)}, not a file")
+        refuse_special(os.fstat(fd))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
     except BaseException:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from trainguard._io import describe_mode, display, reason
+from trainguard._io import display, open_regular, reason
 from trainguard.artifacts.budget import DEFAULT_MAX_MEMORY, MemoryBudget
 from trainguard.artifacts.formats import HEAD_SIZE, identify
 from trainguard.artifacts.formats.archives import ZipFormat, has_trailing_zip
@@ -129,27 +129,6 @@ def report_for(path: str, buf: memoryview, budget: MemoryBudget | None = None) -
     analysis = analyse_buffer(buf, budget)
     findings = sorted(analysis.findings, key=lambda f: (-f.severity, f.member or "", f.offset or 0))
     return FileReport(path, analysis.format, analysis.verdict, tuple(findings), len(buf))
-
-
-def _refuse_special(path: str | os.PathLike[str], info: os.stat_result) -> None:
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"{display(path)}: is {describe_mode(info.st_mode)}, not a file")
-
-
-def _open(path: str | os.PathLike[str]) -> int:
-    # A FIFO, a device or a socket is refused from its ``stat``, before it is opened
-    # (opening a FIFO waits for a writer; opening some devices has effects).
-    try:
-        _refuse_special(path, os.stat(path))
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise InputError(f"{display(path)}: cannot read: {reason(exc)}") from exc
-    try:
-        _refuse_special(path, os.fstat(fd))  # replaced between the stat and the open
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 @contextmanager
@@ -281,7 +260,7 @@ def scan_file(path: str | os.PathLike[str], *, budget: MemoryBudget | None = Non
     """
     budget = budget if budget is not None else MemoryBudget()
     name = os.fspath(path)
-    fd = _open(path)
+    fd = open_regular(path)
     try:
         before = os.fstat(fd)
         size = before.st_size
