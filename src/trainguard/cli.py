@@ -690,7 +690,7 @@ def _run(args: list[str]) -> int:
         _say("trainguard: aborted")
         return EXIT_ERROR
     except Error as exc:
-        _say(f"trainguard: error: {_one_line(str(exc))}")
+        _say(f"trainguard: error: {_shown(str(exc))}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         _say("trainguard: interrupted")
@@ -705,14 +705,9 @@ def _run(args: list[str]) -> int:
         return EXIT_ERROR
     except OSError as exc:
         where = f"{display(exc.filename)}: " if exc.filename is not None else ""
-        _say(f"trainguard: error: {where}{reason(exc)}")
+        _say(f"trainguard: error: {_shown(where + reason(exc))}")
         return EXIT_ERROR
     return status if isinstance(status, int) else EXIT_CLEAN
-
-
-def _one_line(text: str) -> str:
-    """Messages are one line; a newline inside a name is shown, not obeyed."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def entry() -> None:
