@@ -31,12 +31,11 @@ import torch
 import torch.distributed as dist
 
 import trainguard
-from tests.runtime.test_guard_distributed import free_port
+from tests.runtime.test_guard_distributed import start_ranks
 from trainguard.cli import main
 from trainguard.ledger import open_backend, verify
 from trainguard.runtime import GuardHalt
 
-ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ("alert", "halt")
 
 
@@ -352,30 +351,13 @@ def test_the_ledgers_own_checkpoints_raise_no_alert(tmp_path, owner_key, monkeyp
 
 def start_job(scenario, policy, tmp_path, key, world=1, preexec=None):
     run_dir = tmp_path / f"{scenario}-{policy}"
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.runtime.fault_worker",
-                scenario,
-                policy,
-                str(rank),
-                str(world),
-                port,
-                str(run_dir),
-                str(key),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=preexec,
-        )
-        for rank in range(world)
-    ]
+    procs = start_ranks(
+        "tests.runtime.fault_worker",
+        [scenario, policy],
+        world,
+        [str(run_dir), str(key)],
+        preexec=preexec,
+    )
     return run_dir, procs
 
 

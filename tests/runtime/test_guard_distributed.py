@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,29 +28,34 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def launch(scenario: str, run_dir: Path, key: Path) -> list[subprocess.Popen[bytes]]:
+def start_ranks(
+    module: str,
+    head: list[str],
+    world: int,
+    tail: list[str],
+    *,
+    text: bool = False,
+    preexec: Any = None,
+) -> list[subprocess.Popen[Any]]:
+    """``python -m MODULE *HEAD RANK WORLD PORT *TAIL`` for each rank, one fresh port."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.runtime.worker",
-                scenario,
-                str(rank),
-                "2",
-                port,
-                str(run_dir),
-                str(key),
-            ],
+            [sys.executable, "-m", module, *head, str(rank), str(world), port, *tail],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            text=text,
+            preexec_fn=preexec,
         )
-        for rank in range(2)
+        for rank in range(world)
     ]
+
+
+def launch(scenario: str, run_dir: Path, key: Path) -> list[subprocess.Popen[bytes]]:
+    return start_ranks("tests.runtime.worker", [scenario], 2, [str(run_dir), str(key)])
 
 
 def finish(procs: list[subprocess.Popen[bytes]], timeout: float = 90) -> list[int]:

@@ -8,48 +8,25 @@ same weight as a missed attack; a halted healthy job is the worst outcome.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.runtime.practice import ENTRIES, STEPS
-from tests.runtime.test_guard_distributed import free_port
+from tests.runtime.test_guard_distributed import start_ranks
 from trainguard.cli import main
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 #: entries also run on four ranks (a majority exists there, so naming works differently)
 ON_FOUR = ("plain", "dataloader-workers", "workers-accumulation-scheduler", "zero-redundancy")
 
 
 def run_entry(entry: str, world: int, run_dir: Path, key: Path) -> list[tuple[int, str]]:
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.runtime.practice",
-                entry,
-                str(rank),
-                str(world),
-                port,
-                str(run_dir),
-                str(key),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
+    procs = start_ranks(
+        "tests.runtime.practice", [entry], world, [str(run_dir), str(key)], text=True
+    )
     out = []
     for proc in procs:
         try:
