@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import shutil
 import stat
 import subprocess
@@ -52,6 +53,16 @@ _RUNNER = (
 
 def _drop() -> None:
     drop_file_privileges()
+
+
+class _Touch:
+    """A harmless payload: unpickling it creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
 
 
 def _checkpoint_bytes() -> bytes:
@@ -142,6 +153,11 @@ def hostile() -> Iterator[dict[str, str]]:
     top.chmod(0o755)
     paths: dict[str, str] = {}
     try:
+        marker = top / "PAYLOAD-RAN"
+        evil = pickle.dumps(_Touch(marker), protocol=2)
+        pickle.loads(evil).close()  # the victim loader runs it: the sample is live
+        assert marker.exists()
+        marker.unlink()
         good = _checkpoint_bytes()
         (top / "good.pt").write_bytes(good)
         (top / "truncated.pt").write_bytes(good[: len(good) // 2])
@@ -150,14 +166,14 @@ def hostile() -> Iterator[dict[str, str]]:
         (top / "locked.pt").chmod(0o000)
         locked_dir = top / "lockeddir"
         locked_dir.mkdir()
-        (locked_dir / "evil.pkl").write_bytes(b"cos\nsystem\n(S'true'\ntR.")
+        (locked_dir / "evil.pkl").write_bytes(evil)
         locked_dir.chmod(0o000)
         mixed = top / "mixed"
         mixed.mkdir()
         (mixed / "good.pt").write_bytes(good)
         sub = mixed / "locked"
         sub.mkdir()
-        (sub / "evil.pkl").write_bytes(b"cos\nsystem\n(S'true'\ntR.")
+        (sub / "evil.pkl").write_bytes(evil)
         sub.chmod(0o000)
         os.mkfifo(top / "pipe")
         (top / "pipe").chmod(0o666)
@@ -214,6 +230,7 @@ def hostile() -> Iterator[dict[str, str]]:
             "weird": os.fsdecode(weird),
         }
         yield paths
+        assert not marker.exists(), "a payload ran during the hostile-input table"
     finally:
         for folder in (top / "lockeddir", top / "mixed" / "locked"):
             if folder.exists():
