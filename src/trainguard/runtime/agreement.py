@@ -24,81 +24,47 @@ from typing import Any
 import torch
 
 from trainguard.errors import Severity
+from trainguard.runtime.fields import (
+    AUDIT_EVENT,
+    BUFFERS_WRITTEN,
+    DATA_ALTERED,
+    EVIDENCE,
+    FIELDS,
+    GRADS_ALTERED,
+    GUARD_FAILED,
+    HYPER_CHANGED,
+    INDEX,
+    LR_OFF_SCHEDULE,
+    MUST_AGREE,
+    PARAMS_WRITTEN,
+    PATCHED,
+    RESEEDED,
+    RNG_ALTERED,
+)
 from trainguard.runtime.fingerprint import bits_float
 from trainguard.runtime.interface import Alert
 
-FIELDS = (
-    "step",
-    "params",
-    "hyperparameters",
-    "lr",
-    "optimizer_state",
-    "rng_torch",
-    "rng_cuda",
-    "rng_python",
-    "rng_numpy",
-    "code",
-    "events",
-    "flags",
-    "busy_us",
-    "loss_drift",
-    "pid",
-    "severity",
-    "arrival_us",
-    "lr0",
-    # the ledger's tail as this rank remembers it (runtime/ledger_tail.py)
-    "tail_seq",
-    "tail_hash",
-    "tail_cut",
-    "modes",
-    "attributes",
-    "buffers",
-)
-INDEX = {name: i for i, name in enumerate(FIELDS)}
-
-# evidence bits a rank sets about itself
-LR_OFF_SCHEDULE = 1
-HYPER_CHANGED = 2
-RESEEDED = 4
-PATCHED = 8
-PARAMS_WRITTEN = 16
-DATA_ALTERED = 32
-AUDIT_EVENT = 64
-GRADS_ALTERED = 128
-#: the rank's guard could not compute its row (a fault of its own, reported by that rank):
-#: its values are unknown, not different, and are compared with nothing
-GUARD_FAILED = 256
-#: a compared buffer written outside the model's forward (evidence only: runtime/modelstate.py)
-BUFFERS_WRITTEN = 512
-
-#: which evidence explains a disagreement on which field
-EVIDENCE = {
-    "params": PARAMS_WRITTEN
-    | PATCHED
-    | LR_OFF_SCHEDULE
-    | HYPER_CHANGED
-    | DATA_ALTERED
-    | GRADS_ALTERED,
-    "optimizer_state": PATCHED | HYPER_CHANGED | LR_OFF_SCHEDULE | GRADS_ALTERED,
-    "hyperparameters": HYPER_CHANGED,
-    "lr": LR_OFF_SCHEDULE,
-    "code": PATCHED,
-    "modes": PATCHED,
-    "attributes": PATCHED,
-    "buffers": BUFFERS_WRITTEN | PATCHED,
-}
-#: fields every replica must hold identical, and what a difference means
-MUST_AGREE = {
-    "step": "is at another step",
-    "params": "holds different parameters",
-    "hyperparameters": "runs other optimizer settings",
-    "lr": "uses another learning rate",
-    "optimizer_state": "holds a different optimizer state",
-    "code": "runs different code",
-    "modes": "has other modules in training or eval mode",
-    "attributes": "runs other module settings (dropout p, eps, momentum...)",
-    "buffers": "holds different buffers",
-}
+__all__ = [
+    "AUDIT_EVENT",
+    "BUFFERS_WRITTEN",
+    "DATA_ALTERED",
+    "EVIDENCE",
+    "FIELDS",
+    "GRADS_ALTERED",
+    "GUARD_FAILED",
+    "HYPER_CHANGED",
+    "INDEX",
+    "LR_OFF_SCHEDULE",
+    "MUST_AGREE",
+    "PARAMS_WRITTEN",
+    "PATCHED",
+    "RESEEDED",
+    "RNG_ALTERED",
+    "Straggler",
+    "compare",
+    "gather",
+    "shared_at_start",
+]
 
 
 def gather(row: torch.Tensor, group: Any = None) -> torch.Tensor:

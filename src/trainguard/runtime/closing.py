@@ -71,6 +71,8 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
         part = getattr(guard, name, None)
         if part is not None:
             attempt(f"stopping the {name} sensor", getattr(part, stop))
+    for detector in getattr(guard, "detectors", ()):
+        attempt(f"stopping the {detector.name} detector", detector.close)
     for handle in getattr(guard, "_hook_handles", ()):
         attempt("removing the optimizer hooks", handle.remove)
     attempt("restoring the signal handlers", guard.signals.close)

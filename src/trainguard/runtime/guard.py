@@ -19,6 +19,7 @@ The guard's own failures are reported and never stop training unless policy is "
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import operator
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from trainguard.errors import Error, Severity
-from trainguard.runtime import agreement, checkpoints, closing, ledger_tail
+from trainguard.runtime import agreement, checkpoints, closing, ledger_tail, registry
 from trainguard.runtime.comm import CommTimer
 from trainguard.runtime.dynamics import (
     LearningRate,
@@ -59,7 +60,15 @@ from trainguard.runtime.fingerprint import (
     settings_changes,
     text_hash,
 )
-from trainguard.runtime.interface import Alert, GuardError, GuardHalt, Policy, StepInfo
+from trainguard.runtime.interface import (
+    Alert,
+    Context,
+    Detector,
+    GuardError,
+    GuardHalt,
+    Policy,
+    StepInfo,
+)
 from trainguard.runtime.liveness import SignalWatch, Watchdog
 from trainguard.runtime.modelstate import ModelState
 from trainguard.runtime.notify import Notifier
@@ -109,6 +118,7 @@ class Guard:
         group: Any = None,
         code_roots: Sequence[str | os.PathLike[str]] = (),
         update_rate: float = DEFAULT_RATE,
+        loader: Any = None,
     ) -> None:
         if every < 1:
             raise GuardError("every must be at least 1")
@@ -222,6 +232,26 @@ class Guard:
             # before the patch snapshot: it wraps Module.__setattr__
             self.model_state = ModelState(model, self.provenance)
             self.model_state.on_fault = self._sensor_failed
+            self.ctx = Context(
+                model=model,
+                optimizer=optimizer,
+                params=self._params,
+                rank=self.rank,
+                world=self.world,
+                group=group,
+                device=self.device,
+                at=lambda: self.at,
+                steps=lambda: self._step,
+                alert=self._alert_with,
+                alert_once=self._raise_once,
+                record=self._record,
+                fault=self._sensor_failed,
+                provenance=self.provenance,
+                comm=self.comm,
+                shared_key=os.urandom(32),
+                options={"loader": loader, "seed": seed},
+            )
+            self.detectors: list[Detector] = registry.build(self.ctx)
             self.patches = PatchWatch((type(model), type(optimizer)))
             self.hooks = HookWatch(model, optimizer, self.provenance)
             if self.hooks.nodes is not None:
@@ -302,7 +332,10 @@ class Guard:
             except Exception as exc:
                 self._guard_failed(exc, "the optimizer pre-step hook")
             finally:
-                self.overhead_seconds += time.perf_counter() - entered
+                try:
+                    self._each("before the step", lambda d: d.before_step())
+                finally:
+                    self.overhead_seconds += time.perf_counter() - entered
 
         def post(opt: Any, args: Any, kwargs: Any) -> None:
             entered = time.perf_counter()
@@ -315,8 +348,11 @@ class Guard:
                 self._versions_after = None
                 self._guard_failed(exc, "the optimizer post-step hook")
             finally:
-                self._opt_end = time.perf_counter()
-                self.overhead_seconds += self._opt_end - entered
+                try:
+                    self._each("after the step", lambda d: d.after_step())
+                finally:
+                    self._opt_end = time.perf_counter()
+                    self.overhead_seconds += self._opt_end - entered
 
         self._hook_handles = [
             self.optimizer.register_step_pre_hook(pre),
@@ -334,6 +370,7 @@ class Guard:
             record=self._record,
             rate=self._update_rate,
         )
+        self._each("after a rollback", lambda d: d.reset(), may_halt=False)
         self._detectors: list[Any] = [
             NonFinite(self.rank),
             self._loss,
@@ -352,6 +389,23 @@ class Guard:
 
     def _versions(self) -> int:
         return sum(map(_VERSION, self._params))
+
+    def _each(self, when: str, call: Any, *, may_halt: bool = True) -> None:
+        """Call every detector, each on its own: one failing is the guard's failure and
+        leaves the others running."""
+        for detector in getattr(self, "detectors", ()):
+            try:
+                call(detector)
+            except Exception as exc:  # noqa: PERF203 - each detector on its own
+                self._guard_failed(exc, f"the {detector.name} detector {when}", may_halt=may_halt)
+
+    def _steps_alerts(self, info: StepInfo, detector: Detector) -> None:
+        for alert in detector.on_step(info):
+            self._raise(alert)
+
+    def _alert_with(self, alert: Alert, flag: int = 0) -> None:
+        self._flags |= flag
+        self._raise(alert)
 
     # --- events and alerts ---------------------------------------------------------
 
@@ -570,6 +624,7 @@ class Guard:
             self._local_checks(loss, grad_norm, now)
         except Exception as exc:
             self._guard_failed(exc, "the step's checks", may_halt=False)
+        self._each("at the step", lambda d: d.observe(loss, batch), may_halt=False)
         try:
             if (self._step + 1) % self.every == 0:
                 self._check()
@@ -640,6 +695,7 @@ class Guard:
             for detector in self._detectors:
                 for alert in detector.on_step(info):
                     self._raise(alert)
+            self._each("at the check", functools.partial(self._steps_alerts, info), may_halt=False)
             alert = None
             if self._lr is not None:
                 alert = self._lr.check(step, lr)
@@ -667,6 +723,7 @@ class Guard:
                 part()
             except Exception as exc:  # noqa: PERF203 - each part on its own
                 self._guard_failed(exc, where, may_halt=False)
+        self._each("at the check", lambda d: d.at_check(), may_halt=False)
         table = agreement.gather(self._fingerprint(), self.group)
         for alert in agreement.compare(self.at, table, self._compared):
             key = str(alert.details.get("field"))
@@ -681,6 +738,7 @@ class Guard:
         self._diverged |= self._pending_diverged
         self._pending_diverged.clear()
         rows = table.tolist()
+        self._each("comparing the ranks", lambda d: d.compare(rows), may_halt=False)
         self._tail.at_check(self, rows, agreement.INDEX)
         busy = [row[agreement.INDEX["busy_us"]] / 1e6 for row in rows]
         arrival = [row[agreement.INDEX["arrival_us"]] / 1e6 for row in rows]
@@ -827,8 +885,17 @@ class Guard:
         }
         values["modes"], values["attributes"] = self.model_state.digests()
         values["buffers"] = 0  # hashed on the device below
-        row = torch.tensor([values[name] for name in agreement.FIELDS], dtype=torch.int64)
+        on_device: dict[str, torch.Tensor] = {}
+        for detector in self.detectors:
+            for name, value in detector.row().items():
+                if isinstance(value, torch.Tensor):
+                    on_device[name] = value
+                    value = 0
+                values[name] = int(value)
+        row = torch.tensor([values.get(name, 0) for name in agreement.FIELDS], dtype=torch.int64)
         row = row.to(self.device)
+        for name, tensor in on_device.items():
+            row[agreement.INDEX[name]] = tensor.to(self.device)
         row[agreement.INDEX["params"]] = params_hash(self.model).to(self.device)
         row[agreement.INDEX["buffers"]] = self.model_state.buffers_hash().to(self.device)
         if self._checks % STATE_EVERY == 0:
@@ -876,7 +943,10 @@ class Guard:
         if self.world == 1:
             return [me]
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, me, group=self.group)
+        # rank 0's key is every rank's: draws keyed by it fall on the same steps everywhere
+        dist.all_gather_object(out, (*me, self.ctx.shared_key), group=self.group)
+        self.ctx.shared_key = out[0][2]
+        out = [entry[:2] for entry in out]
         table = agreement.gather(self._row(), self.group)
         self._compared = agreement.shared_at_start(table)
         for name in ("params", "code", "hyperparameters", "lr"):

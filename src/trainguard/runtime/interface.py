@@ -9,7 +9,7 @@ is also compared with its peers' (``agreement``) and recorded outside the proces
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NewType, Protocol
 
@@ -70,10 +70,94 @@ class StepInfo:
     grad_norm: float | None
 
 
+@dataclass
+class Context:
+    """What a detector may use of the Guard that runs it. Built once per Guard; the
+    callables never raise into the detector (a failure of theirs is the guard's own).
+
+    ``shared_key`` is the same on every rank and unknown to the job's code before start
+    (rank 0 draws it and sends it to the others as the guard starts): draws keyed by it,
+    such as which steps are sampled, fall on the same steps on every rank.
+    """
+
+    model: Any
+    optimizer: Any
+    params: list[Any]
+    rank: int
+    world: int
+    group: Any
+    device: Any
+    #: the step an alert is about (see ``Guard.at``)
+    at: Callable[[], int]
+    #: optimizer steps taken so far in this process
+    steps: Callable[[], int]
+    #: an alert about this rank, to every sink; ``flag`` is an evidence bit (fields.py) set
+    #: in this rank's next row
+    alert: Callable[[Alert, int], None]
+    #: an alert every rank computes alike from the gathered rows: reported once (rank 0)
+    alert_once: Callable[[Alert], None]
+    #: a sensor event that is not an alert: to the ledger, once per kind and place
+    record: Callable[[dict[str, Any]], None]
+    #: a failure of the detector's own code where it runs for the job (never raised)
+    fault: Callable[[str, BaseException], None]
+    provenance: Any
+    comm: Any
+    shared_key: bytes = b""
+    #: the Guard's keyword arguments meant for detectors (``loader``...)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 class Detector(Protocol):
-    """A local detector: called after every step; returns the alerts it raises."""
+    """One thing the guard watches. The Guard calls, in this order within a step:
+    ``before_step`` and ``after_step`` around ``optimizer.step`` (inside the job's call:
+    cheap, no device sync), ``observe`` from ``guard.step``; at a check ``on_step`` for each
+    step since the last check (values resolved, one sync for all), ``at_check`` (local
+    checks), ``row`` (this rank's values of the fields it owns, see ``fields.py``), and after
+    the collective ``compare`` with every rank's row. ``reset`` after a declared rollback
+    (the restored values are the new normal), ``close`` once. Subclass
+    :class:`BaseDetector` for no-op defaults."""
 
     name: str
 
+    def before_step(self) -> None: ...
+    def after_step(self) -> None: ...
+    def observe(self, loss: Any, batch: Any) -> None: ...
+    def on_step(self, info: StepInfo) -> Iterable[Alert]: ...
+    def at_check(self) -> None: ...
+    def row(self) -> Mapping[str, Any]: ...
+    def compare(self, rows: list[list[int]]) -> None: ...
+    def reset(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class BaseDetector:
+    """No-op defaults for every :class:`Detector` method."""
+
+    name = "detector"
+
+    def before_step(self) -> None:
+        return None
+
+    def after_step(self) -> None:
+        return None
+
+    def observe(self, loss: Any, batch: Any) -> None:
+        return None
+
     def on_step(self, info: StepInfo) -> Iterable[Alert]:
-        """Alerts for the step just finished (usually none)."""
+        return ()
+
+    def at_check(self) -> None:
+        return None
+
+    def row(self) -> Mapping[str, Any]:
+        return {}
+
+    def compare(self, rows: list[list[int]]) -> None:
+        return None
+
+    def reset(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

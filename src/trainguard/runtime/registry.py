@@ -1,0 +1,13 @@
+"""The detectors every Guard runs through the :class:`~trainguard.runtime.interface.Detector`
+protocol, in the order they are called. Adding a detector is adding its module and one
+line here (and its fingerprint fields to ``fields.py``)."""
+
+from __future__ import annotations
+
+from trainguard.runtime.interface import Context, Detector
+
+
+def build(ctx: Context) -> list[Detector]:
+    """A fresh set of detectors for one Guard."""
+    detectors: list[Detector] = []
+    return detectors
