@@ -60,6 +60,7 @@ __all__ = [
     "PATCHED",
     "RESEEDED",
     "RNG_ALTERED",
+    "Reported",
     "Straggler",
     "compare",
     "gather",
@@ -137,8 +138,34 @@ class Straggler:
         return alerts
 
 
+class Reported:
+    """Which disagreements were reported: a divergence does not heal, so each field is
+    reported once; a field already blamed on a rank is not reported again as "cannot
+    tell"."""
+
+    def __init__(self) -> None:
+        self.diverged: set[str] = set()
+        self.blamed: dict[str, int] = {}
+
+    def new(self, alerts: list[Alert]) -> list[Alert]:
+        fresh: list[Alert] = []
+        pending: set[str] = set()
+        for alert in alerts:
+            key = str(alert.details.get("field"))
+            if key in self.diverged:
+                continue  # reported at an earlier check
+            if alert.rank is not None:
+                self.blamed[key] = alert.rank
+            if alert.rank is None and key in self.blamed:
+                continue
+            pending.add(key)
+            fresh.append(alert)
+        self.diverged |= pending
+        return fresh
+
+
 def _odd_ranks(values: Sequence[int]) -> list[int] | None:
-    """Ranks outside a strict majority; None when there is no majority."""
+    """Positions outside a strict majority; None when there is no majority."""
     counts = Counter(values)
     value, count = counts.most_common(1)[0]
     if count * 2 > len(values):
@@ -159,6 +186,8 @@ def compare(step: int, table: torch.Tensor, fields: frozenset[str] | None = None
     (``GUARD_FAILED``) takes the other rows' values: it proves nothing either way."""
     rows = table.tolist()
     known = [row for row in rows if not row[INDEX["flags"]] & GUARD_FAILED]
+    # a majority is counted among the rows that are known: a stand-in is not a vote
+    voters = [r for r, row in enumerate(rows) if not row[INDEX["flags"]] & GUARD_FAILED]
     if not known:
         return []
     if len(known) < len(rows):
@@ -179,7 +208,8 @@ def compare(step: int, table: torch.Tensor, fields: frozenset[str] | None = None
         column = [row[INDEX[name]] for row in rows]
         if len(set(column)) == 1:
             continue
-        odd = _odd_ranks(column)
+        majority = _odd_ranks([column[r] for r in voters])
+        odd = None if majority is None else [voters[i] for i in majority]
         how = "majority"
         if odd is None:
             odd, how = _by_evidence(name, rows)

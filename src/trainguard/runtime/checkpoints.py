@@ -17,13 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainguard.errors import Error, Severity
-from trainguard.runtime.fingerprint import (
-    WriteWatch,
-    hyperparameter_values,
-    hyperparameters_hash,
-    learning_rates,
-    optimizer_state_hash,
-)
 from trainguard.runtime.interface import Alert, GuardHalt
 
 if TYPE_CHECKING:
@@ -205,18 +198,11 @@ def recorded_checkpoints(ledger: Ledger) -> tuple[tuple[str, Any] | None, dict[s
 
 
 def restored(guard: Guard, rollback: bool) -> None:
-    """Baselines after a restore: what the checkpoint set is the new normal."""
+    """Baselines after a restore: what the checkpoint set is the new normal (every
+    detector's ``reset``: the loss goes back up to where it was, a new history)."""
     guard.seeds.seed = torch.initial_seed()
-    guard._versions_after = None
-    guard._writes = WriteWatch(guard._params)
-    guard.comm.discard()
-    guard._hyper_values = hyperparameter_values(guard.optimizer, guard._managed)
-    guard._hyper = hyperparameters_hash(guard.optimizer)
-    guard._state_hash = optimizer_state_hash(guard.optimizer).to(guard.device)
-    guard._lr_used = learning_rates(guard.optimizer)
     guard._done = False
-    if rollback:
-        guard._new_dynamics()  # the loss goes back up to where it was: a new history
+    guard._each("after a restore", lambda d: d.reset(), may_halt=False)
     guard._stepped = False  # restoring RNG states after a resume is set-up too
 
 

@@ -56,15 +56,15 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
         attempt("reading the last steps", guard._drain)  # the steps since the last check
     if guard.ledger is not None:
         attempt("looking for peers that are gone", lambda: report_gone_peers(guard))
-        attempt("checking the ledger", guard._watch_ledger)
+        watch = getattr(guard, "ledger_watch", None)
+        if watch is not None:
+            attempt("checking the ledger", watch.at_check)
     # a Guard stopped during its start (Ctrl-C, a failure) has only some of its parts
     parts = (
         ("watchdog", "stop"),
         ("audit", "close"),
         ("comm", "close"),
         ("seeds", "restore"),
-        ("model_state", "close"),
-        ("hooks", "close"),
         ("provenance", "close"),
     )
     for name, stop in parts:
@@ -82,7 +82,7 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
     healthy = error is None or isinstance(error, GuardHalt)
     if guard.ledger is None:
         return
-    if guard._ledger_lost:
+    if getattr(getattr(guard, "ledger_watch", None), "lost", False):
         problem(guard, "writing the closing entries", "the run's ledger is gone (see the alert)")
     tail = getattr(guard, "_tail", None)
     if tail is not None:
@@ -114,7 +114,7 @@ def _rank_payload(guard: Guard, payload: dict[str, Any]) -> dict[str, Any]:
 def problem(guard: Guard, what: str, exc: BaseException | str) -> None:
     """Something closing could not do: one warning line, kept in ``close_problems``."""
     if isinstance(exc, BaseException):
-        from trainguard.runtime.guard import _describe
+        from trainguard.runtime.reporting import _describe
 
         reason = _describe(exc)
     else:

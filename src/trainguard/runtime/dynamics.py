@@ -13,12 +13,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 from trainguard.errors import Severity
-from trainguard.runtime.interface import Alert, StepInfo
+from trainguard.runtime.interface import Alert, BaseDetector, StepInfo
 
 LrSchedule = Callable[[int], "float | Sequence[float]"]
 
 
-class NonFinite:
+class NonFinite(BaseDetector):
     """The loss or the gradient norm is NaN or infinite."""
 
     name = "nonfinite"
@@ -32,7 +32,7 @@ class NonFinite:
                 yield Alert(info.step, self.rank, self.name, Severity.HIGH, f"{what} is {value}")
 
 
-class RobustAnomaly:
+class RobustAnomaly(BaseDetector):
     """A value far above its trailing median, for ``patience`` steps in a row."""
 
     def __init__(
@@ -53,6 +53,12 @@ class RobustAnomaly:
         self.warmup = warmup
         self.threshold = threshold
         self.patience = patience
+        self.streak = 0
+        self.fired = False
+
+    def reset(self) -> None:
+        """After a restore: the restored values are the new normal, a new history."""
+        self.history.clear()
         self.streak = 0
         self.fired = False
 

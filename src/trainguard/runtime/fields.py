@@ -80,6 +80,8 @@ TABLE: tuple[Field, ...] = (
         PATCHED,
     ),
     Field("buffers", "model-state", "holds different buffers", BUFFERS_WRITTEN | PATCHED),
+    # how many rows this rank has built: a replayed row repeats an old count (selfcheck.py)
+    Field("rows", "guard-integrity"),
 )
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in TABLE)

@@ -68,6 +68,8 @@ class StepInfo:
     loss: float | None
     lr: list[float]
     grad_norm: float | None
+    #: the learning rates a declared scheduler says the step should have used
+    wanted: list[float] | None = None
 
 
 @dataclass
@@ -100,6 +102,14 @@ class Context:
     record: Callable[[dict[str, Any]], None]
     #: a failure of the detector's own code where it runs for the job (never raised)
     fault: Callable[[str, BaseException], None]
+    #: a sensor event: recorded when trusted code caused it (``by``), else an alert with
+    #: the evidence bit
+    event: Callable[[dict[str, Any], int], None]
+    #: a change seen at a check (a hook, a patch) and the code it is attributed to:
+    #: recorded when that code is trusted, else an alert (detector, change, attribution)
+    attributed: Callable[[str, str, Any], None]
+    #: set an evidence bit in this rank's next row without an alert
+    flag: Callable[[int], None]
     provenance: Any
     comm: Any
     shared_key: bytes = b""

@@ -1,0 +1,231 @@
+"""The Guard protects itself.
+
+Code in the attacked process can replace the guard's own functions as easily as torch's.
+Three defences, each an invariant rather than a recognised trick:
+
+- **Bound at start.** The methods the guard and its detectors call during training are
+  bound into each object when the guard starts, so a later replacement of a class's
+  function (``UpdateCheck.after_step = no_op``) changes nothing that runs; replacing the
+  bound method on the object is seen at the next check (:meth:`GuardIntegrity.at_check`).
+- **Watched like torch.** trainguard's own modules and classes are snapshotted as torch's
+  are (``sensors.PatchWatch``); any change to them is tamper evidence on this rank, whoever
+  made it: no job has a reason to patch the tool that watches it.
+- **Rows that stop moving.** A rank's row must be its own and fresh: it carries the process
+  id that rank announced at start, and a clock that moves forward. A row that carries
+  another rank's pid (a copied row), repeats its previous count of rows (a replayed row), or
+  whose parameters stop moving while every peer's move (a frozen value) is named: only
+  that rank's own process could have produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from trainguard.errors import Severity
+from trainguard.runtime import fields
+from trainguard.runtime.interface import Alert, BaseDetector, Context
+from trainguard.runtime.sensors import PatchWatch
+
+#: the methods the Guard calls on each detector while training
+PROTOCOL = (
+    "before_step",
+    "after_step",
+    "observe",
+    "on_step",
+    "at_check",
+    "row",
+    "compare",
+    "reset",
+    "close",
+)
+
+
+def _own_modules() -> tuple[str, ...]:
+    return tuple(
+        sorted(
+            name
+            for name in list(sys.modules)
+            if name == "trainguard"
+            or name.startswith(("trainguard.runtime", "trainguard.ledger", "trainguard.checkpoint"))
+        )
+    )
+
+
+def bind(obj: Any, names: Iterable[str]) -> list[tuple[Any, str, Any]]:
+    """Bind each named method into ``obj``'s own namespace; what was bound, to check."""
+    bound = []
+    for name in names:
+        method = getattr(obj, name, None)
+        func = getattr(method, "__func__", None)
+        if func is None:
+            continue
+        try:
+            setattr(obj, name, method)
+        except (AttributeError, TypeError):  # a slotted object: nothing to bind
+            continue
+        bound.append((obj, name, func))
+    return bound
+
+
+class GuardIntegrity(BaseDetector):
+    """See the module docstring."""
+
+    name = "guard-integrity"
+
+    def __init__(self, ctx: Context, guard: Any, detectors: list[Any]) -> None:
+        self.ctx = ctx
+        classes = {type(guard), *(type(d) for d in detectors)}
+        self.watch = PatchWatch(
+            tuple(c for c in classes if c.__module__.startswith("trainguard")),
+            modules=_own_modules(),
+            classes=(),
+            reexports={},
+        )
+        self.bound: list[tuple[Any, str, Any]] = []
+        self.pids: list[int] = []  # each rank's pid as it announced it at start
+        self._previous: list[list[int]] | None = None
+        self._named: set[tuple[int, str]] = set()
+        self._rows = 0  # rows this rank built: a fresh row has a higher count
+
+    def bind(self, guard: Any, names: Iterable[str], detectors: list[Any]) -> None:
+        self.bound = bind(guard, names)
+        for detector in detectors:
+            self.bound += bind(detector, PROTOCOL)
+
+    def at_check(self) -> None:
+        changed = [change for change, _ in self.watch.changes()]
+        changed += [
+            f"{type(obj).__name__}.{name} was replaced on the running object"
+            for obj, name, func in self.bound
+            if getattr(obj.__dict__.get(name), "__func__", None) is not func
+        ]
+        if changed:
+            self.bound = [
+                (obj, name, func)
+                for obj, name, func in self.bound
+                if getattr(obj.__dict__.get(name), "__func__", None) is func
+            ]
+            self.ctx.alert(
+                Alert(
+                    self.ctx.at(),
+                    self.ctx.rank,
+                    "guard-tampered",
+                    Severity.HIGH,
+                    "trainguard's own code was changed in this process: " + "; ".join(changed[:4]),
+                    {"changes": changed},
+                ),
+                fields.PATCHED,
+            )
+
+    def compare(self, rows: list[list[int]]) -> None:
+        previous, self._previous = self._previous, rows
+        failed = fields.GUARD_FAILED
+        index = fields.INDEX
+        for rank, row in enumerate(rows):
+            if row[index["flags"]] & failed:
+                continue
+            if len(self.pids) == len(rows) and row[index["pid"]] != self.pids[rank]:
+                owner = (
+                    self.pids.index(row[index["pid"]]) if row[index["pid"]] in self.pids else None
+                )
+                whose = f"rank {owner}'s" if owner is not None else "an unknown"
+                self._name(
+                    rank,
+                    "pid",
+                    f"rank {rank}'s row carries {whose} process id {row[index['pid']]}, not its "
+                    f"own ({self.pids[rank]}): its row is not its own",
+                )
+            before = previous[rank] if previous is not None and len(previous) == len(rows) else None
+            if before is None or before[index["flags"]] & failed:
+                continue
+            if row[index["rows"]] <= before[index["rows"]]:
+                self._name(
+                    rank,
+                    "replay",
+                    f"rank {rank} sent a row from the past (its count of rows did not move "
+                    "since the last check)",
+                )
+        if previous is not None and len(previous) == len(rows) and len(rows) > 1:
+            self._frozen(previous, rows)
+
+    def _frozen(self, previous: list[list[int]], rows: list[list[int]]) -> None:
+        i, flag = fields.INDEX["params"], fields.INDEX["flags"]
+        usable = [
+            r
+            for r in range(len(rows))
+            if not (rows[r][flag] | previous[r][flag]) & fields.GUARD_FAILED
+        ]
+        still = [r for r in usable if rows[r][i] == previous[r][i]]
+        moved = [r for r in usable if rows[r][i] != previous[r][i]]
+        if len(rows) < 3 or not still or len(moved) * 2 <= len(usable):
+            # nobody moved (lr 0, skipped steps), or no strict majority that did: with two
+            # ranks an attacker's rank that moves alone would make an honest one look frozen
+            return
+        for rank in still:
+            self._name(
+                rank,
+                "frozen",
+                f"rank {rank}'s parameters did not change since the last check while ranks "
+                f"{', '.join(map(str, moved))} trained on: its values are frozen or replayed",
+            )
+
+    def _name(self, rank: int, what: str, text: str) -> None:
+        if (rank, what) in self._named:
+            return
+        self._named.add((rank, what))
+        self.ctx.alert_once(
+            Alert(
+                self.ctx.at(),
+                rank,
+                "guard-integrity",
+                Severity.HIGH,
+                text,
+                {"rank": rank, "kind": what},
+            )
+        )
+
+    def row(self) -> Mapping[str, Any]:
+        self._rows += 1
+        return {"rows": self._rows}
+
+
+def exchange(guard: Any) -> list[tuple[str, int]]:
+    """At start: every rank's (host, pid), rank 0's shared key for every rank, and the
+    fields the ranks agree on (those that differ from the start are not compared)."""
+    import torch.distributed as dist
+
+    from trainguard.runtime import agreement
+
+    me = (socket.gethostname(), os.getpid())
+    if guard.world == 1:
+        guard.integrity.pids = [me[1]]
+        return [me]
+    out: list[Any] = [None] * guard.world
+    # rank 0's key is every rank's: draws keyed by it fall on the same steps everywhere
+    dist.all_gather_object(out, (*me, guard.ctx.shared_key), group=guard.group)
+    guard.ctx.shared_key = out[0][2]
+    peers = [(str(entry[0]), int(entry[1])) for entry in out]
+    guard.integrity.pids = [pid for _, pid in peers]
+    table = agreement.gather(guard._row(), guard.group)
+    guard._compared = agreement.shared_at_start(table)
+    for name in ("params", "code", "hyperparameters", "lr"):
+        if name not in guard._compared:
+            guard._raise_once(
+                Alert(
+                    -1,
+                    None,
+                    "agreement",
+                    Severity.HIGH,
+                    f"ranks start with different {name}",
+                    {"field": name},
+                )
+            )
+    guard._compared |= {"params", "code", "hyperparameters", "lr", "step"}
+    if type(guard.optimizer).__name__ != "ZeroRedundancyOptimizer":
+        # ZeroRedundancyOptimizer: each rank holds its own shard of the state
+        guard._compared |= {"optimizer_state"}
+    return peers
