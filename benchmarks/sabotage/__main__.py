@@ -23,45 +23,73 @@ from benchmarks.sabotage.job import BASES
 from benchmarks.sabotage.scenarios import SCENARIOS, Scenario, select
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sabotage", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="print the scenarios")
-    run = sub.add_parser("run", help="run the benchmark")
-    run.add_argument("--out", type=Path, required=True, help="folder for results.json and the runs")
-    run.add_argument("--guard", choices=["on", "off"], default="off")
-    run.add_argument(
+def _options(cmd: argparse.ArgumentParser, matrix: bool) -> None:
+    """The options of ``run``; ``matrix`` has the Guard on and short defaults."""
+    cmd.add_argument("--out", type=Path, required=True, help="folder for results.json and the runs")
+    if not matrix:
+        cmd.add_argument("--guard", choices=["on", "off"], default="off")
+    cmd.add_argument(
         "--attack",
         default="all",
         help="all, none (clean runs only), a name, names or numbers, comma-separated",
     )
-    run.add_argument(
+    cmd.add_argument(
         "--base",
         default="plain",
         help="the training practice(s) the job runs on: all, or names, comma-separated "
         f"({', '.join(BASES)}; default plain)",
     )
-    run.add_argument(
+    cmd.add_argument(
         "--repeat",
         type=int,
-        default=3,
+        default=1 if matrix else 3,
         help="clean runs with different seeds (besides the same-seed rerun)",
     )
-    run.add_argument("--steps", type=int, default=300)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--preset", choices=["tiny", "cpu", "gpu"], default="cpu", help="model size")
-    run.add_argument("--nproc", type=int, default=2, help="ranks (1: one plain process)")
-    run.add_argument(
-        "--every", type=int, default=50, help="the Guard's check interval (its default: 50)"
+    cmd.add_argument("--steps", type=int, default=60 if matrix else 300)
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument(
+        "--preset",
+        choices=["tiny", "cpu", "gpu"],
+        default="tiny" if matrix else "cpu",
+        help="model size",
     )
-    run.add_argument(
+    cmd.add_argument("--nproc", type=int, default=2, help="ranks (1: one plain process)")
+    cmd.add_argument(
+        "--every",
+        type=int,
+        default=10 if matrix else 50,
+        help="the Guard's check interval (its default: 50)",
+    )
+    cmd.add_argument(
         "--mode",
         choices=["auto", "batch", "isolate"],
         default="auto",
         help="jobs per launch: batch shares one process group, isolate launches each (auto: "
         "batch without the Guard, isolate with it)",
     )
-    return parser.parse_args(argv)
+    cmd.add_argument(
+        "--guard-loader",
+        choices=["on", "off"],
+        default="on",
+        help="pass the job's DataLoader to the Guard (loader=); default on",
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sabotage", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print the scenarios")
+    _options(sub.add_parser("run", help="run the benchmark"), matrix=False)
+    _options(
+        sub.add_parser(
+            "matrix", help="run the scenarios with the Guard on and print the goal x means table"
+        ),
+        matrix=True,
+    )
+    args = parser.parse_args(argv)
+    if args.command == "matrix":
+        args.guard = "on"
+    return args
 
 
 def _assemble_base(bench: Any, base: str, scenarios: list[Scenario]) -> dict[str, Any]:
@@ -170,11 +198,14 @@ def _assemble_base(bench: Any, base: str, scenarios: list[Scenario]) -> dict[str
             "kind": sc.kind,
             "summary": sc.summary,
         }
-        row["injected"] = (
-            {"step": s.inject_step, "rank": s.attacked_rank}
-            if sc.rank_specific
-            else {"step": "before-start" if sc.before_start else "after-run", "rank": None}
-        )
+        row["goal"], row["means"] = sc.goal, sc.means
+        if sc.rank_specific and not sc.before_start:
+            row["injected"] = {"step": s.inject_step, "rank": s.attacked_rank}
+        elif sc.timed:
+            row["injected"] = {"step": s.inject_step, "rank": None}
+        else:
+            when = "before-start" if sc.before_start else "after-run"
+            row["injected"] = {"step": when, "rank": s.attacked_rank if sc.rank_specific else None}
         row.update(detection(sc, run, launch(sc.name), bench, evidence))
         row["wrong_rank"] = wrong_rank(sc, run, bench.s)
         if sc.kind == "records":
@@ -184,9 +215,16 @@ def _assemble_base(bench: Any, base: str, scenarios: list[Scenario]) -> dict[str
             if sc.kind == "kill":
                 done = len(run.log_lines)
                 row["effect"].update(steps_completed=done, steps_lost=s.steps - done)
+            if sc.kind == "live":
+                cut = evidence.get("record") or {}
+                row["effect"].update(records_changed=cut.get("records_changed", 0))
             if sc.kind in ("resume", "config", "overlay"):
                 row["effect"].update(
-                    {k: v for k, v in evidence.items() if k in ("bytes_changed", "fields_changed")}
+                    {
+                        k: v
+                        for k, v in evidence.items()
+                        if k in ("bytes_changed", "fields_changed", "steps_redone")
+                    }
                 )
         row["evidence"] = evidence
         rows.append(row)
@@ -342,7 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "list":
         for sc in SCENARIOS:
-            print(f"{sc.number:>2}  {sc.name:<21} {sc.kind:<8} {sc.summary}")
+            print(
+                f"{sc.number:>2}  {sc.name:<21} {sc.kind:<8} {sc.goal:<12} {sc.means:<16} "
+                f"{sc.summary}"
+            )
         print(f"\nbases: {', '.join(BASES)}")
         return 0
     try:
@@ -379,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mode=mode,
         every=args.every,
         bases=bases,
+        guard_loader=args.guard_loader == "on",
     )
     started = time.perf_counter()
     bench = run_all(settings, scenarios)
@@ -386,6 +428,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"\nwrote {args.out / 'results.json'} in {results['timings']['total_s']:.0f} s")
+    if args.command == "matrix":
+        from benchmarks.sabotage import matrix
+
+        built = matrix.build(results)
+        (args.out / "matrix.json").write_text(json.dumps(built, indent=1))
+        text = matrix.markdown(built)
+        (args.out / "matrix.md").write_text(text + "\n")
+        print("\n" + text)
+        print(f"\nwrote {args.out / 'matrix.md'} and matrix.json")
     return 0
 
 

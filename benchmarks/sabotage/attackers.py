@@ -319,22 +319,65 @@ def _tamper_sqlite(file: Path, mode: str, count: int) -> int:
         db.close()
 
 
-def kill_when(
-    run_dir: Path, rank: int, step: int, signame: str, timeout_s: float
-) -> dict[str, Any]:
-    """Waits until the job has logged ``step``, then sends ``signame`` to rank ``rank``."""
-    log, pid_file = run_dir / "train.log", run_dir / "pids" / f"rank{rank}.pid"
+def _wait_for_step(run_dir: Path, step: int, timeout_s: float, also: Path | None = None) -> bool:
+    log = run_dir / "train.log"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if log.exists() and pid_file.exists() and f"step {step} " in log.read_text():
-            pid = int(pid_file.read_text())
-            try:
-                os.kill(pid, getattr(signal, f"SIG{signame}"))
-            except ProcessLookupError:  # the job finished first: the attack came too late
-                break
-            return {"signal": signame, "pid": pid, "rank": rank, "after_step": step, "sent": True}
+        ready = also is None or also.exists()
+        if ready and log.exists() and f"step {step} " in log.read_text():
+            return True
         time.sleep(0.005)
-    return {"signal": signame, "rank": rank, "after_step": step, "sent": False}
+    return False
+
+
+def kill_when(
+    run_dir: Path, rank: int, step: int, signame: str, timeout_s: float, pause_s: float = 0.0
+) -> dict[str, Any]:
+    """Waits until the job has logged ``step``, then sends ``signame`` to rank ``rank``;
+    ``STOP`` is followed ``pause_s`` seconds later by ``CONT`` (a paused, not a dead, rank)."""
+    pid_file = run_dir / "pids" / f"rank{rank}.pid"
+    record: dict[str, Any] = {"signal": signame, "rank": rank, "after_step": step, "sent": False}
+    if _wait_for_step(run_dir, step, timeout_s, also=pid_file):
+        pid = int(pid_file.read_text())
+        try:
+            os.kill(pid, getattr(signal, f"SIG{signame}"))
+            record.update(pid=pid, sent=True)
+            if signame == "STOP":
+                time.sleep(pause_s)
+                os.kill(pid, signal.SIGCONT)
+                record["paused_s"] = pause_s
+        except ProcessLookupError:  # the job finished first: the attack came too late
+            pass
+    return record
+
+
+def cut_when(run_dir: Path, step: int, count: int, timeout_s: float) -> dict[str, Any]:
+    """While the job runs, once it has logged ``step``: deletes the last ``count`` rows of
+    every SQLite database in ``run_dir`` (the ledger) and the last ``count`` lines of its
+    ``train.log``."""
+    record: dict[str, Any] = {"after_step": step, "records_changed": 0, "files": [], "sent": False}
+    if not _wait_for_step(run_dir, step, timeout_s):
+        return record
+    record["sent"] = True
+    for file in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        if file.name.endswith(("-wal", "-shm", "-journal")) or "ckpt" in file.parts:
+            continue
+        n = 0
+        if file.read_bytes()[:16] == b"SQLite format 3\x00":
+            for _ in range(50):  # the job may hold the write lock for a moment
+                try:
+                    n = _tamper_sqlite(file, "delete", count)
+                    break
+                except sqlite3.OperationalError:
+                    time.sleep(0.1)
+        elif file.name == "train.log":
+            lines = file.read_text().splitlines(keepends=True)
+            n = min(count, len(lines))
+            file.write_text("".join(lines[: len(lines) - n]))
+        if n:
+            record["records_changed"] += n
+            record["files"].append(str(file.relative_to(run_dir)))
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -344,11 +387,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     kill.add_argument("--run-dir", type=Path, required=True)
     kill.add_argument("--rank", type=int, required=True)
     kill.add_argument("--after-step", type=int, required=True)
-    kill.add_argument("--signal", choices=["TERM", "KILL"], required=True)
+    kill.add_argument("--signal", choices=["TERM", "KILL", "STOP"], required=True)
+    kill.add_argument("--pause", type=float, default=5.0, help="seconds before SIGCONT (STOP)")
     kill.add_argument("--timeout", type=float, default=300.0)
     kill.add_argument("--out", type=Path, required=True, help="JSON record of what was sent")
+    cut = sub.add_parser("cut", help="delete a running job's last records from another process")
+    cut.add_argument("--run-dir", type=Path, required=True)
+    cut.add_argument("--after-step", type=int, required=True)
+    cut.add_argument("--count", type=int, default=5)
+    cut.add_argument("--timeout", type=float, default=300.0)
+    cut.add_argument("--out", type=Path, required=True, help="JSON record of what was deleted")
     args = parser.parse_args(argv)
-    record = kill_when(args.run_dir, args.rank, args.after_step, args.signal, args.timeout)
+    if args.command == "cut":
+        record = cut_when(args.run_dir, args.after_step, args.count, args.timeout)
+        args.out.write_text(json.dumps(record))
+        return 0 if record["sent"] else 1
+    record = kill_when(
+        args.run_dir, args.rank, args.after_step, args.signal, args.timeout, args.pause
+    )
     args.out.write_text(json.dumps(record))
     return 0 if record["sent"] else 1
 

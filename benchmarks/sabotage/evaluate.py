@@ -124,7 +124,7 @@ def wrong_rank(sc: Scenario, run: Run, s: Settings) -> int:
     counted by ``alerts``, like false alarms). An alert with no rank names nobody.
     """
     acted = sc.acts_on(s.nproc, s.attacked_rank)
-    since = s.inject_step if sc.rank_specific else 0
+    since = s.inject_step if sc.timed else 0
     wrong = 0
     for alert in run.alerts:
         named = alert.get("rank")
@@ -152,7 +152,7 @@ def detection(
     found["status"] = "crashed" if crashed else (statuses[0] if statuses else "missing")
     if s.guard:
         refused = [r for r in run.results if r and r["status"] == "refused"]
-        first = sc is not None and sc.kind in ("implant", "kill")
+        first = sc is not None and sc.timed
         alerts = sorted(
             (a for a in run.alerts if not first or (a.get("step") or 0) >= k),
             key=lambda a: a.get("step") or 0,
@@ -188,7 +188,7 @@ def detection(
     nan = [r for r in run.results if r and r["status"] == "nan"]
     if nan:
         step = nan[0]["steps_done"] - 1
-        start = k if sc is not None and sc.kind in ("implant", "kill") else nan[0]["start_step"]
+        start = k if sc is not None and sc.timed else nan[0]["start_step"]
         found.update(detected=True, steps_to_detection=step - start, detector="nan-check")
     elif crashed:
         found.update(

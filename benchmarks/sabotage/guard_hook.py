@@ -10,6 +10,7 @@ Guard does not exist yet.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ def make_guard(ctx: GuardContext) -> Any:
         "config": ctx.config_path,
         "seed": ctx.seed,
     }
+    if os.environ.get("SABOTAGE_GUARD_LOADER", "1") != "0":  # the runner's --guard-loader
+        kwargs["loader"] = ctx.loader
     if ctx.submission_path.exists():  # the config's sha256 when the job was submitted
         kwargs["config_sha256"] = json.loads(ctx.submission_path.read_text())["sha256"]
     accepted = inspect.signature(Guard).parameters

@@ -67,6 +67,9 @@ class JobConfig:
     eval_batches: int = 8
     save_at: list[int] = field(default_factory=list)  # completed-step counts to checkpoint at
     resume_from: str | None = None
+    # what a guarded resume declares: "fork" (a run of its own from another run's checkpoint,
+    # as the benchmark's resumes are), "rollback", or "none" (continuing the same lineage)
+    resume_declare: str = "fork"
     guard_every: int = 50
     guard_policy: str = "halt"
     pg_timeout_s: int = 120
@@ -161,6 +164,7 @@ class GuardContext:
     config_path: Path
     submission_path: Path  # written by whoever submitted the run; may be missing
     seed: int
+    loader: Any = None  # the training DataLoader (for the Guard's data digests)
 
 
 GuardFactory = Callable[[GuardContext], Any]
@@ -330,12 +334,13 @@ def train(
                 config_path,
                 run_dir / "submission.json",
                 cfg.seed,
+                loader,
             )
             guard = guard_factory(ctx)
         if cfg.resume_from:
             stage = "resume"
             result["start_step"] = _resume(
-                Path(cfg.resume_from), model, optimizer, scheduler, guard, rank
+                Path(cfg.resume_from), model, optimizer, scheduler, guard, rank, cfg.resume_declare
             )
         stage = "train"
         train_state = TrainState(model, optimizer, scheduler, lr_at)
@@ -379,11 +384,14 @@ def _resume(
     scheduler: LRScheduler | None,
     guard: Any,
     rank: int,
+    declare: str = "fork",
 ) -> int:
     if guard is not None:
         # each resume starts a run of its own from the clean run's checkpoint: a declared
         # fork (a tampered or poisoned checkpoint is refused whatever is declared)
-        guard.load_checkpoint(path, fork=True)
+        if declare not in ("fork", "rollback", "none"):
+            raise ValueError(f"unknown resume_declare {declare!r}")
+        guard.load_checkpoint(path, **({} if declare == "none" else {declare: True}))
         meta = json.loads(path.with_name(path.name + ".job.json").read_text())
     else:
         # what teams do: the whole training state in one pickle

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class Settings:
     every: int = 50
     timeout_s: float = 1800.0
     bases: tuple[str, ...] = ("plain",)
+    guard_loader: bool = True  # pass the job's DataLoader to the Guard (loader=)
 
     @property
     def inject_step(self) -> int:
@@ -97,6 +99,7 @@ class Bench:
                 cmd = [sys.executable, "-m", "trainguard", "keygen", "-o", str(keys)]
                 subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
             self.guard_env["TRAINGUARD_OWNER_KEY"] = str(keys / "trainguard.key")
+            self.guard_env["SABOTAGE_GUARD_LOADER"] = "1" if settings.guard_loader else "0"
 
     # --- jobs ------------------------------------------------------------------------
 
@@ -166,7 +169,7 @@ class Bench:
             return
         plan = self.root / "launches" / f"{launch.name}.plan.json"
         plan.write_text(json.dumps(launch.entries, indent=1))
-        env = {k: v for k, v in os.environ.items() if k != "SABOTAGE_IMPLANT"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SABOTAGE_")}
         paths = [*launch.pythonpath, str(REPO), *filter(None, [env.get("PYTHONPATH")])]
         env.update({"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1", **launch.env})
         if launch.guard:
@@ -202,15 +205,25 @@ class Bench:
 
     # --- the phases --------------------------------------------------------------------
 
-    def clean_runs(self) -> list[str]:
-        """Per base: the reference (seed S, checkpoint at K), its rerun, and repeat-1 seeds."""
+    def clean_runs(self, scenarios: Sequence[Scenario] = ()) -> list[str]:
+        """Per base: the reference (seed S, checkpoint at K), its rerun, and repeat-1 seeds.
+
+        ``resume-older`` needs the reference to checkpoint at K/2 as well, and
+        ``resume-other-run`` another run (seed S+1, not a clean run of the table) that
+        checkpoints at K: the donor.
+        """
         s, k = self.s, self.s.inject_step
+        modes = {sc.params.get("mode") for sc in scenarios if sc.kind == "resume"}
+        saves = [k // 2, k] if "older" in modes and k // 2 > 0 else [k]
         entries = []
         for base in s.bases:
             entries += [
-                self.job(self.key(base, "clean"), self.config(base, save_at=[k])),
+                self.job(self.key(base, "clean"), self.config(base, save_at=saves)),
                 self.job(self.key(base, "clean-rerun"), self.config(base)),
             ]
+            if "other-run" in modes:
+                donor = self.config(base, seed=s.seed + 1, save_at=[k])
+                entries.append(self.job(self.key(base, "donor-run"), donor))
             entries += [
                 self.job(
                     self.key(base, f"clean-seed{s.seed + i}"), self.config(base, seed=s.seed + i)
@@ -239,6 +252,7 @@ class Bench:
                     **sc.params,
                     "step": self.s.inject_step,
                     "rank": self.s.attacked_rank,
+                    "every": self.s.every,  # the job's guard_every: which steps are checked
                     "marker": str(marker),
                 }
                 entries.append(self.job(key, self.config(base), spec))
@@ -253,14 +267,31 @@ class Bench:
         """
         if not scenarios:
             return
-        entries, pickles = [], []
+        entries, pickles, early = [], [], []
         for base in self.s.bases:
             for entry in self._resume_entries(base, scenarios):
                 is_pickle = entry["name"] == self.key(base, "resume-pickle")
-                (pickles if is_pickle else entries).append(entry)
+                if "early" in entry:
+                    early.append(entry)
+                else:
+                    (pickles if is_pickle else entries).append(entry)
         self.launch(Launch("resume", entries + pickles[:1], guard=self.s.guard))
         for entry in pickles[1:]:
             self.launch(Launch(self.flat(entry["name"]), [entry], guard=self.s.guard))
+        # a patch in place before the job's code runs: a launch of its own, with the implant
+        # first on PYTHONPATH and the attack in SABOTAGE_EARLY
+        site = implant.sitecustomize_dir(self.root / "work" / "implant")
+        for entry in early:
+            env = {"SABOTAGE_EARLY": json.dumps(entry.pop("early"))}
+            self.launch(
+                Launch(
+                    self.flat(entry["name"]),
+                    [entry],
+                    pythonpath=[str(site)],
+                    env=env,
+                    guard=self.s.guard,
+                )
+            )
 
     def _resume_entries(self, base: str, scenarios: list[Scenario]) -> list[dict[str, Any]]:
         k = self.s.inject_step
@@ -284,6 +315,28 @@ class Bench:
                 entry = self.job(key, self.config(base))
                 changes = {"lr": self.config(base).lr * 4}
                 self.evidence[key] = attackers.tamper_config(Path(entry["config"]), changes)
+            elif sc.params.get("mode") == "other-run":
+                # another run's checkpoint of the same owner, resumed as if it were this
+                # run's own (no fork declared)
+                path = self._copy_ckpt(
+                    self.runs[self.key(base, "donor-run")] / "ckpt" / source.name, key
+                )
+                self.evidence[key] = {"resumed_from": "donor-run", "declared": "none"}
+                cfg = self.config(base, resume_from=str(path), resume_declare="none")
+                entry = self.job(key, cfg)
+            elif sc.params.get("mode") == "older":
+                entry = self._older_entry(base, key, clean)
+            elif sc.params.get("mode") == "load-patch":
+                path = self._copy_ckpt(source, key)
+                entry = self.job(key, self.config(base, resume_from=str(path)))
+                marker = self.root / "work" / f"{self.flat(key)}.implant-ran.json"
+                marker.unlink(missing_ok=True)
+                entry["early"] = {
+                    **sc.params["early"],
+                    "rank": self.s.attacked_rank,
+                    "marker": str(marker),
+                }
+                self.evidence[key] = {"implant": entry["early"], "implant_marker": str(marker)}
             elif sc.name == "resume-pickle":
                 path = self._copy_ckpt(source, key)
                 marker = self.root / "work" / f"{self.flat(key)}.payload-ran"
@@ -298,6 +351,33 @@ class Bench:
                 entry = self.job(key, self.config(base, resume_from=str(path)))
             entries.append(entry)
         return entries
+
+    def _older_entry(self, base: str, key: str, clean: Path) -> dict[str, Any]:
+        """The same run resumed from its older checkpoint (K/2) without declaring a
+        rollback: the run's folder (its ledger and checkpoints) carried over, the job's
+        own outputs left behind."""
+        k = self.s.inject_step
+        older = f"step{k // 2}.pt"
+        cfg = self.config(base, resume_declare="none")
+        entry = self.job(key, cfg)
+        run_dir = Path(entry["run_dir"])
+        own = ("config.json", "submission.json", "train.log", "result-", "weights-", "alerts-")
+        for item in clean.iterdir():
+            if item.name.startswith(own) or item.name == "pids":
+                continue
+            copy = shutil.copytree if item.is_dir() else shutil.copy2
+            copy(item, run_dir / item.name)
+        cfg = dataclasses.replace(cfg, resume_from=str(run_dir / "ckpt" / older))
+        digest = write_config(cfg, run_dir / "config.json")
+        submission = {"config": "config.json", "sha256": digest, "submitted_at": time.time()}
+        (run_dir / "submission.json").write_text(json.dumps(submission, indent=1))
+        self.evidence[key] = {
+            "resumed_from": older,
+            "latest": f"step{k}.pt",
+            "declared": "none",
+            "steps_redone": k - k // 2,  # the work the rollback throws away
+        }
+        return entry
 
     def _copy_ckpt(self, source: Path, key: str) -> Path:
         dest = self.root / "work" / "ckpt" / self.flat(key) / source.name
@@ -328,22 +408,15 @@ class Bench:
         entry = self.job(key, self.config(base))
         record = self.root / "work" / f"{self.flat(key)}.kill.json"
         record.unlink(missing_ok=True)
-        attacker = [
-            sys.executable,
-            "-m",
-            "benchmarks.sabotage.attackers",
-            "kill",
-            "--run-dir",
-            entry["run_dir"],
-            "--rank",
-            str(self.s.attacked_rank),
-            "--after-step",
-            str(self.s.inject_step),
-            "--signal",
-            sc.params["signal"],
-            "--out",
-            str(record),
-        ]
+        attacker = [sys.executable, "-m", "benchmarks.sabotage.attackers"]
+        where = ["--run-dir", entry["run_dir"], "--after-step", str(self.s.inject_step)]
+        if sc.kind == "live":
+            attacker += ["cut", *where, "--count", str(sc.params.get("count", 5))]
+        else:
+            attacker += ["kill", *where, "--rank", str(self.s.attacked_rank)]
+            attacker += ["--signal", sc.params["signal"]]
+            attacker += ["--pause", str(sc.params.get("pause_s", 5.0))]
+        attacker += ["--out", str(record)]
         self.evidence[key] = {"record": str(record)}
         self.launch(Launch(self.flat(key), [entry], attacker=attacker, guard=self.s.guard))
 
@@ -383,14 +456,14 @@ class Bench:
 def run_all(settings: Settings, scenarios: list[Scenario]) -> Bench:
     """All launches for ``scenarios`` on every base plus the clean runs, in dependency order."""
     bench = Bench(settings)
-    bench.clean_runs()
+    bench.clean_runs(scenarios)
     bench.implant_runs([sc for sc in scenarios if sc.kind == "implant"])
     bench.resume_runs([sc for sc in scenarios if sc.kind in ("resume", "config")])
     for sc in scenarios:
         if sc.kind == "overlay":
             bench.overlay_run(sc)
         for base in settings.bases:
-            if sc.kind == "kill":
+            if sc.kind in ("kill", "live"):
                 bench.kill_run(sc, base)
             elif sc.kind == "records":
                 bench.records_run(sc, base)

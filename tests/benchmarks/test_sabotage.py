@@ -1,9 +1,10 @@
 """The sabotage benchmark (benchmarks/sabotage) in short: every scenario, real ranks, real files.
 
 One run of the real runner as a subprocess, with the smallest model and 30 steps, on two
-gloo ranks: the clean job twice and with another seed, then all 26 attack scenarios
-(in-process implants, edited torch overlay, poisoned and altered checkpoints, changed
-config, SIGTERM and SIGKILL from another process, rewritten records), with ``--guard off``.
+gloo ranks: the clean job twice and with another seed, then every attack scenario
+(in-process implants, edited torch overlay, poisoned, altered, foreign and older
+checkpoints, changed config, SIGTERM, SIGKILL and SIGSTOP from another process, records
+cut while the job runs or rewritten after it), with ``--guard off``.
 It checks that every scenario ran and really changed the run or its files, so the
 benchmark the Guard will be judged on cannot rot. Separate short tests pin the job's
 determinism in one process and the guard-on plumbing with a stand-in guard.
@@ -35,7 +36,21 @@ DESYNC = {
     "grad-flip-post",
     "grad-noise-post",
     "weights-perturb",
+    # issue 11's means
+    "opt-state-inplace",
+    "adam-function-swap",
+    "lr-off-check",
+    "guard-compare-lr",
+    "grad-flip-off-check",
+    "weights-off-check",
+    "guard-hash-perturb",
+    "ckpt-load-patch",
+    "ledger-mute",
+    "alerts-clear",
 }
+
+#: attacks on liveness that change no number, only the time (step time ratio)
+SLOWERS = {"straggler", "stall-loader", "straggler-off-check", "pause-sigstop"}
 
 
 def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -49,7 +64,8 @@ def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[s
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("sabotage")
     args = ["run", "--out", str(out), "--preset", "tiny", "--steps", "30", "--repeat", "2"]
-    proc = _run([sys.executable, "-m", "benchmarks.sabotage", *args])
+    # every scenario of both axes; about 2 minutes on 2 idle cores, more on a busy machine
+    proc = _run([sys.executable, "-m", "benchmarks.sabotage", *args], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "scenario" in proc.stdout
     assert "kill-sigkill" in proc.stdout
@@ -88,8 +104,10 @@ def test_every_scenario_ran_with_the_result_fields(results: dict[str, Any]) -> N
         row = rows[sc.name]
         assert fields <= set(row), sc.name
         assert row["number"] == sc.number
-        if sc.kind == "implant":  # the implant's own marker: it really acted, on rank 1
+        assert (row["goal"], row["means"]) == (sc.goal, sc.means)
+        if "implant" in row["evidence"]:  # the implant's own marker: it really acted, on rank 1
             assert row["evidence"]["implant_ran"] is not None, sc.name
+        if sc.kind == "implant":
             assert row["injected"] == {"step": 10, "rank": 1}
 
 
@@ -102,13 +120,19 @@ def test_each_attack_measurably_damages_the_run_or_its_files(results: dict[str, 
         if sc.kind == "records":
             assert effect["records_changed"] >= 10, sc.name
             assert effect["bytes_changed"] > 0, sc.name
+        elif sc.kind == "live":  # the last records deleted while the job ran
+            assert effect["records_changed"] >= 5, sc.name
+        elif sc.name in SLOWERS:
+            assert effect["step_time_ratio"] > 1.5, sc.name
+            # sleeping changes no number: also proves runs in different launches are identical
+            assert effect["weight_l2"] == 0.0, sc.name
+            assert effect["val_loss_delta"] == 0.0, sc.name
+            assert effect.get("steps_lost", 0) == 0, sc.name
         elif sc.kind == "kill":
             assert 0 < effect["steps_lost"] < results["steps"], sc.name
-        elif sc.name == "straggler":
-            assert effect["step_time_ratio"] > 1.5
-            # sleeping changes no number: also proves runs in different launches are identical
-            assert effect["weight_l2"] == 0.0
-            assert effect["val_loss_delta"] == 0.0
+        elif sc.name == "resume-older":
+            # a rollback replays the run exactly: the damage is the work thrown away
+            assert effect["steps_redone"] == 5
         else:
             assert effect["weight_l2"] > 0, sc.name
             assert effect["val_loss_delta"] != 0, sc.name

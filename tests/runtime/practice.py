@@ -238,6 +238,7 @@ def run(
         lr_schedule=scheduler if scheduler is not None else (lambda s: LR),
         seed=0,
         verify_env=False,
+        loader=loader,
     )
     after = []
     if job.hooks:
@@ -266,7 +267,7 @@ def run(
                     swa.update_parameters(net)
             if job.evaluate and step % 6 == 5:
                 evaluate(model, dataset, rank, world)
-            guard.step(loss=last_loss[0])
+            guard.step(loss=last_loss[0], batch=last_batch[0])
             result["steps"].append(step)
             step += 1
             if phase == "first" and step == stop or job.rollback and step == 8:
@@ -281,6 +282,8 @@ def run(
 
 
 last_loss: list[Any] = [None]
+#: the step's last micro-batch, as the job hands it to guard.step
+last_batch: list[Any] = [None]
 
 
 def train_step(
@@ -295,6 +298,7 @@ def train_step(
     stepper.zero_grad(set_to_none=True)
     for micro in range(job.accumulate):
         xb, yb = next(feed)
+        last_batch[0] = (xb, yb)
         last = micro == job.accumulate - 1
         sync = contextlib.nullcontext() if last or not job.no_sync else model.no_sync()
         with sync:

@@ -75,6 +75,7 @@ def install(
         provenance=guard.provenance,
         comm=guard.comm,
         shared_key=os.urandom(32),
+        events=lambda: guard.events,
         options={"loader": loader, "seed": seed},
     )
     guard.optimizer_watch = OptimizerWatch(ctx, lr_schedule)

@@ -17,6 +17,12 @@ What counts, and what does not:
   what the gradients hold;
 * when the recorded results do not cover every gradient (a job that reduces a flattened
   copy), the step is not compared: unchecked, never guessed at.
+
+On the same sampled steps each gradient all-reduce (a sum over the whole world) is also
+measured *before* the reduction: this rank's contribution's moments, and its dot product
+with the result over a strided sample of coordinates whose offset the guard draws under
+its key. :class:`StepGrads` holds them for the step; ``grad_check`` compares them across
+ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 #: the other collectives a job waits in (DDP's buffer broadcast before every forward among
@@ -42,6 +49,34 @@ _TIMED = (
 )
 #: DDP's stock comm hooks (allreduce, fp16/bf16 compression) live here
 _HOOK_FILE = os.path.join("distributed", "algorithms", "ddp_comm_hooks", "default_hooks.py")
+#: how many callers up DDP's hook is looked for
+_HOOK_DEPTH = 4
+#: coordinates of each reduced buffer sampled, before and after, on sampled steps
+SAMPLE = 1024
+
+
+@dataclass
+class _Result:
+    """One gradient all-reduce of a sampled step: its result's moments and, when it was a
+    sum over the whole world measured before, this rank's part in it."""
+
+    numel: int
+    reduced: Any  # moments of the result
+    before: Any = None  # moments of this rank's tensor before the reduction
+    dots: Any = None  # (before . result, before . before, result . result) on the sample
+
+
+@dataclass
+class StepGrads:
+    """A sampled step's gradient all-reduces, summed over buffers (tensors on the device
+    until the caller resolves them). ``before`` and ``dots`` are None when some reduction
+    was not a world sum measured before; ``used`` is None when the results do not cover
+    every gradient."""
+
+    reduced: Any
+    before: Any
+    dots: Any
+    used: Any
 
 
 class CommTimer:
@@ -55,7 +90,12 @@ class CommTimer:
         self.sample_now = sample_now
         self.in_backward = True  # between a step's start and its optimizer.step
         self.params: Sequence[Any] = ()
-        self._reduced: dict[tuple[int, int], tuple[int, Any]] = {}
+        self._reduced: dict[tuple[int, int], _Result] = {}
+        #: the offset of the sampled coordinates in a buffer of ``numel`` elements sampled
+        #: every ``stride`` (the guard's keyed draw; 0 until one is set)
+        self.offset: Callable[[int, int], int] = lambda numel, stride: 0
+        #: the latest sampled step's gradients, until taken
+        self.sampled: StepGrads | None = None
         #: called with (where, error) when the wrappers' own bookkeeping fails: the
         #: collective itself is the job's and is never held up or changed by it
         self.on_fault: Callable[[str, BaseException], None] = lambda where, exc: None
@@ -92,9 +132,15 @@ class CommTimer:
     def _is_gradient(self, tensor: Any) -> bool:
         import sys
 
-        caller = sys._getframe(2).f_code.co_filename
-        if caller.endswith(_HOOK_FILE):
-            return True
+        # DDP's hook a few frames up: a wrapper put around dist.all_reduce after ours
+        # (which sees the call first) does not hide that the call is a gradient bucket's
+        frame: Any = sys._getframe(2)
+        for _ in range(_HOOK_DEPTH):
+            if frame is None:
+                break
+            if frame.f_code.co_filename.endswith(_HOOK_FILE):
+                return True
+            frame = frame.f_back
         pointer = tensor.data_ptr()
         return any(p.grad is not None and p.grad.data_ptr() == pointer for p in self.params)
 
@@ -105,30 +151,60 @@ class CommTimer:
         except Exception as exc:
             sample = False
             self.on_fault("the all-reduce sensor", exc)
+        before = None
+        if sample:
+            try:
+                before = self._before(tensor, args, kwargs)
+            except Exception as exc:
+                self.on_fault("the all-reduce sensor", exc)
         work = self._original(tensor, *args, **kwargs)
-        self._after(work, started, tensor if sample else None)
+        self._after(work, started, tensor if sample else None, before)
         return work
 
-    def _after(self, work: Any, started: float, reduced: Any) -> None:
+    def _before(self, tensor: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """This rank's contribution to a world sum: its moments and a strided sample of
+        coordinates (copied: the collective overwrites the tensor). None for another
+        reduction (a maximum, a subgroup), where the result is not the ranks' sum."""
+        import torch.distributed as dist
+
+        op = kwargs.get("op", args[0] if args else dist.ReduceOp.SUM)
+        group = kwargs.get("group", args[1] if len(args) > 1 else None)
+        if op != dist.ReduceOp.SUM or dist.get_world_size(group) != dist.get_world_size():
+            return None
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, -(-flat.numel() // SAMPLE))  # spread over the whole buffer
+        start = self.offset(flat.numel(), stride) % stride
+        return moments(flat), flat[start::stride][:SAMPLE].clone(), start, stride
+
+    def _after(self, work: Any, started: float, reduced: Any, before: Any = None) -> None:
         """Book the collective's time (and result) when it completes; never raises."""
         try:
             if work is not None and hasattr(work, "get_future"):
-                work.get_future().then(lambda fut: self._done(started, reduced))
+                work.get_future().then(lambda fut: self._done(started, reduced, before))
             else:
-                self._done(started, reduced)
+                self._done(started, reduced, before)
         except Exception as exc:
             self.on_fault("the all-reduce sensor", exc)
 
-    def _done(self, started: float, reduced: Any) -> None:
+    def _done(self, started: float, reduced: Any, before: Any = None) -> None:
         try:
             waited = time.perf_counter() - started
-            sums = moments(reduced) if reduced is not None else None
+            result = None
+            if reduced is not None:
+                result = _Result(reduced.numel(), moments(reduced))
+                if before is not None:
+                    sums, part, start, stride = before
+                    import torch
+
+                    now = reduced.detach().reshape(-1)[start::stride][:SAMPLE].to(torch.float64)
+                    part = part.to(torch.float64)
+                    result.before = sums
+                    result.dots = torch.stack([part.dot(now), part.dot(part), now.dot(now)])
             with self._lock:
                 self._wait += waited
-                if sums is not None:
+                if result is not None:
                     # the latest result per buffer: accumulation reduces the same buckets again
-                    key = (reduced.data_ptr(), reduced.numel())
-                    self._reduced[key] = (reduced.numel(), sums)
+                    self._reduced[(reduced.data_ptr(), reduced.numel())] = result
         except Exception as exc:
             self.on_fault("the all-reduce sensor", exc)
 
@@ -142,13 +218,20 @@ class CommTimer:
             return None
         import torch
 
+        results = list(reduced.values())
+        total = torch.stack([r.reduced for r in results]).sum(0)
+        step = StepGrads(total, None, None, None)
+        self.sampled = step
+        if all(r.dots is not None for r in results):
+            step.before = torch.stack([r.before.to(total.device) for r in results]).sum(0)
+            step.dots = torch.stack([r.dots.to(total.device) for r in results]).sum(0)
         grads = [p.grad for p in params if p.grad is not None]
-        if sum(n for n, _ in reduced.values()) != sum(g.numel() for g in grads):
+        if sum(r.numel for r in results) != sum(g.numel() for g in grads):
             return None  # some gradients were reduced out of sight: unchecked
-        total = torch.stack([s for _, s in reduced.values()]).sum(0)
         used = torch.zeros(3, dtype=torch.float64, device=total.device)
         for grad in grads:
             used += moments(grad).to(used.device)
+        step.used = used
         (r_sum, r_abs, r_sq), (u_sum, u_abs, u_sq) = total.tolist(), used.tolist()
         if r_abs == 0.0:
             return None if u_abs == 0.0 else "gradients appeared after an all-reduce of zeros"
@@ -164,6 +247,12 @@ class CommTimer:
         """Forget results of a step that did not reach optimizer.step (a skipped step)."""
         with self._lock:
             self._reduced = {}
+        self.sampled = None
+
+    def take_sampled(self) -> StepGrads | None:
+        """The sampled step's gradients, once (None on other steps)."""
+        step, self.sampled = self.sampled, None
+        return step
 
     def take_wait(self) -> float:
         with self._lock:

@@ -82,6 +82,28 @@ TABLE: tuple[Field, ...] = (
     Field("buffers", "model-state", "holds different buffers", BUFFERS_WRITTEN | PATCHED),
     # how many rows this rank has built: a replayed row repeats an old count (selfcheck.py)
     Field("rows", "guard-integrity"),
+    # the data each rank reads (data_check.py): compared by its owner, not by agreement
+    Field("data_commit", "data"),
+    Field("data_interval", "data"),
+    Field("data_loss", "data"),
+    Field("data_repeats", "data"),
+    Field("data_sampler", "data"),
+    Field("data_drawn", "data"),
+    # the gradient all-reduces of the interval's sampled steps (grad_check.py): compared by
+    # their owner (invariants of a world sum, not equality), not by agreement
+    Field("grad_count", "gradients"),
+    Field("grad_digest", "gradients"),
+    Field("grad_before_sum", "gradients"),
+    Field("grad_before_abs", "gradients"),
+    Field("grad_reduced_sum", "gradients"),
+    Field("grad_dot", "gradients"),
+    Field("grad_self", "gradients"),
+    Field("grad_result", "gradients"),
+    Field("grad_slots", "gradients"),
+    Field("grad_measured", "gradients"),
+    # one pair per slot: grad_check.SLOTS of them
+    *(Field(f"grad_norm_{i}", "gradients") for i in range(4)),
+    *(Field(f"grad_cos_{i}", "gradients") for i in range(4)),
 )
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in TABLE)

@@ -113,6 +113,9 @@ class Context:
     provenance: Any
     comm: Any
     shared_key: bytes = b""
+    #: the sensor events of this rank so far (``Guard.events``: re-seeding calls among
+    #: them); None where they cannot be known
+    events: Callable[[], list[dict[str, Any]] | None] = lambda: None
     #: the Guard's keyword arguments meant for detectors (``loader``...)
     options: dict[str, Any] = field(default_factory=dict)
 
