@@ -104,6 +104,7 @@ def install(
     guard.integrity = selfcheck.GuardIntegrity(ctx, guard, guard.detectors)
     guard.detectors.append(guard.integrity)
     guard.integrity.bind(guard, BOUND, guard.detectors)
+    guard._callers = {}  # taken afresh from the detectors as bound
     for sensor in (guard.audit, guard.seeds):
         arm(sensor)
     guard.watchdog = Watchdog(hang_timeout, guard._on_hang)

@@ -202,7 +202,7 @@ def restored(guard: Guard, rollback: bool) -> None:
     detector's ``reset``: the loss goes back up to where it was, a new history)."""
     guard.seeds.seed = torch.initial_seed()
     guard._done = False
-    guard._each("after a restore", lambda d: d.reset(), may_halt=False)
+    guard._each("after a restore", "reset", may_halt=False)
     guard._stepped = False  # restoring RNG states after a resume is set-up too
 
 

@@ -140,6 +140,7 @@ class Guard(Reporting):
         self._recorded: dict[tuple[str, str], int] = {}
         self._table: torch.Tensor | None = None
         self.detectors: list[Detector] = []
+        self._callers = {}
         #: seconds spent in the guard's own code during training (step and hooks)
         self.overhead_seconds = 0.0
         # from here on a signal (Ctrl-C, torchrun's SIGTERM) can end the start anywhere:
@@ -215,7 +216,7 @@ class Guard(Reporting):
         entered = time.perf_counter()
         self._done = False
         try:
-            self._each("before the step", lambda d: d.before_step())
+            self._each("before the step", "before_step")
         finally:
             self.overhead_seconds += time.perf_counter() - entered
 
@@ -223,7 +224,7 @@ class Guard(Reporting):
         entered = time.perf_counter()
         self._done = True
         try:
-            self._each("after the step", lambda d: d.after_step())
+            self._each("after the step", "after_step")
         finally:
             self.overhead_seconds += time.perf_counter() - entered
 
@@ -250,7 +251,7 @@ class Guard(Reporting):
             self._busy_window.append(max(0.0, busy))
         except Exception as exc:
             self._guard_failed(exc, "the step's checks", may_halt=False)
-        self._each("at the step", lambda d: d.observe(loss, batch), may_halt=False)
+        self._each("at the step", "observe", loss, batch, may_halt=False)
         try:
             if (self._step + 1) % self.every == 0:
                 self._check()
@@ -285,9 +286,7 @@ class Guard(Reporting):
         resolved = [next(numbers) if isinstance(v, torch.Tensor) and numbers else v for v in values]
         for i, (step, _, _, lr, wanted) in enumerate(pending):
             info = StepInfo(step, resolved[2 * i], list(lr), resolved[2 * i + 1], wanted)
-            self._each(
-                "at the check", lambda d, info=info: self._steps_alerts(info, d), may_halt=False
-            )
+            self._each("at the check", "on_step", info, may_halt=False)
 
     def _check(self) -> None:
         # the collective below is entered whatever happened here (the peers are in it)
@@ -295,12 +294,12 @@ class Guard(Reporting):
             self._drain()
         except Exception as exc:
             self._guard_failed(exc, "the dynamics detectors", may_halt=False)
-        self._each("at the check", lambda d: d.at_check(), may_halt=False)
+        self._each("at the check", "at_check", may_halt=False)
         table = agreement.gather(self._fingerprint(), self.group)
         for alert in self._reported.new(agreement.compare(self.at, table, self._compared)):
             self._raise_once(alert)
         rows = table.tolist()
-        self._each("comparing the ranks", lambda d: d.compare(rows), may_halt=False)
+        self._each("comparing the ranks", "compare", rows, may_halt=False)
         self._tail.at_check(self, rows, agreement.INDEX)
         busy = [row[agreement.INDEX["busy_us"]] / 1e6 for row in rows]
         arrival = [row[agreement.INDEX["arrival_us"]] / 1e6 for row in rows]

@@ -16,7 +16,7 @@ import torch
 
 from trainguard.errors import Severity
 from trainguard.runtime import agreement, closing
-from trainguard.runtime.interface import Alert, Detector, GuardHalt, StepInfo
+from trainguard.runtime.interface import Alert, BaseDetector, Detector, GuardHalt
 from trainguard.runtime.notify import Notifier
 from trainguard.runtime.provenance import Attribution
 
@@ -48,6 +48,8 @@ class Reporting:
     _step: int
     _table: torch.Tensor | None
     every: int
+    #: each Detector method, with the detectors that implement it (see ``_each``)
+    _callers: dict[str, list[tuple[Detector, Any]]]
 
     _done: bool
 
@@ -194,18 +196,26 @@ class Reporting:
         self._flags |= flag
         self._raise(alert)
 
-    def _each(self, when: str, call: Any, *, may_halt: bool = True) -> None:
-        """Call every detector, each on its own: one failing is the guard's failure and
-        leaves the others running."""
-        for detector in getattr(self, "detectors", ()):
+    def _each(self, when: str, method: str, *args: Any, may_halt: bool = True) -> None:
+        """Call ``method`` of every detector that has one of its own, each on its own: one
+        failing is the guard's failure and leaves the others running. The bound methods
+        are taken once (a detector's no-op default is skipped, and a method replaced on a
+        running detector later is not what runs: see selfcheck.py)."""
+        calls = self._callers.get(method)
+        if calls is None:
+            calls = self._callers[method] = [
+                (detector, getattr(detector, method))
+                for detector in getattr(self, "detectors", ())
+                if getattr(type(detector), method, None) is not getattr(BaseDetector, method)
+            ]
+        for detector, call in calls:
             try:
-                call(detector)
+                result = call(*args)
+                if method == "on_step":
+                    for alert in result:
+                        self._raise(alert)
             except Exception as exc:  # noqa: PERF203 - each detector on its own
                 self._guard_failed(exc, f"the {detector.name} detector {when}", may_halt=may_halt)
-
-    def _steps_alerts(self, info: StepInfo, detector: Detector) -> None:
-        for alert in detector.on_step(info):
-            self._raise(alert)
 
     def _on_signal(self, event: dict[str, Any]) -> None:
         """A terminating signal and its sender, from the signal thread. With action

@@ -215,12 +215,18 @@ class PatchWatch:
                     )
         for space, owner, name, obj, func, code, parts in self._fast:
             current = space.get(name) if space is not None else getattr(owner, name, None)
-            if (
-                current is obj
-                and (code is None or func.__code__ is code)
-                and (parts is None or _parts(func) == parts)
-            ):
-                continue
+            if current is obj and (code is None or func.__code__ is code):
+                if parts is None:
+                    continue
+                defaults, kwdefaults, held = parts
+                # by identity, cheapest first (no id(): it is an audited call), and most
+                # watched functions hold no closure
+                if (
+                    func.__defaults__ is defaults
+                    and func.__kwdefaults__ is kwdefaults
+                    and (not held or _same(_held(func), held))
+                ):
+                    continue
             key = (id(owner), name)
             if key in self._reported:
                 continue
@@ -246,18 +252,28 @@ def _callable_attr(cls: type, name: str) -> bool:
 
 def _parts(func: Any) -> tuple[Any, ...] | None:
     """What a function runs with besides its code: defaults and what its closure holds
-    (a decorator's cell can be pointed at another function), by identity."""
+    (a decorator's cell can be pointed at another function), kept to compare by identity."""
     if not isinstance(func, types.FunctionType):
         return None
-    held = tuple(_cell_id(cell) for cell in func.__closure__ or ())
-    return (id(func.__defaults__), id(func.__kwdefaults__), held)
+    return (func.__defaults__, func.__kwdefaults__, _held(func))
 
 
-def _cell_id(cell: Any) -> int:
+_EMPTY = object()  # an empty cell's contents
+
+
+def _held(func: Any) -> tuple[Any, ...]:
+    return tuple(_contents(cell) for cell in func.__closure__ or ())
+
+
+def _contents(cell: Any) -> Any:
     try:
-        return id(cell.cell_contents)
+        return cell.cell_contents
     except ValueError:  # an empty cell
-        return 0
+        return _EMPTY
+
+
+def _same(now: tuple[Any, ...], then: tuple[Any, ...]) -> bool:
+    return len(now) == len(then) and all(a is b for a, b in zip(now, then, strict=True))
 
 
 def _func_of(obj: Any) -> Any:
@@ -386,6 +402,20 @@ _DATA_MODULES = frozenset(
     "argparse pathlib datetime enum collections decimal fractions uuid types".split()
 )
 
+#: the events _classify looks at; every other one returns at once
+_AUDITED = frozenset(
+    (
+        *_SPAWNS,
+        "ctypes.dlopen",
+        "ctypes.dlsym",
+        "os.kill",
+        "os.killpg",
+        "compile",
+        "exec",
+        "pickle.find_class",
+        "open",
+    )
+)
 _NEVER_DATA = frozenset("torch builtins os posix subprocess sys".split())
 
 
@@ -417,7 +447,8 @@ class AuditSensor:
 
     def _hook(self, event: str, args: tuple[Any, ...]) -> None:
         if (
-            not self.active
+            event not in _AUDITED  # first: every id() and attribute read is an event
+            or not self.active
             or getattr(self._local, "busy", False)
             or threading.get_ident() in _QUIET_THREADS
         ):
