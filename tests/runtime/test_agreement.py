@@ -221,6 +221,31 @@ SELF_CASES = [
         [],
     ),
     (
+        "four ranks, rank 3's generator still while the others drew",
+        [10, 11, 12, 13],
+        [
+            rows(*({"pid": 10 + r, A: 1, P: 1, "rng_torch": 5 + r} for r in range(4))),
+            rows(
+                *({"pid": 10 + r, A: 2, P: 2, "rng_torch": 9 + r if r < 3 else 8} for r in range(4))
+            ),
+        ],
+        [(3, "rng-still")],
+    ),
+    (
+        "only rank 0 draws (evaluation): nothing",
+        [10, 11, 12],
+        [
+            rows(*({"pid": 10 + r, A: 1, P: 1, "rng_torch": 5 + r} for r in range(3))),
+            rows(
+                *(
+                    {"pid": 10 + r, A: 2, P: 2, "rng_torch": 9 if r == 0 else 5 + r}
+                    for r in range(3)
+                )
+            ),
+        ],
+        [],
+    ),
+    (
         "a failed row proves nothing",
         [10, 11],
         [rows({"pid": 10, A: 1}, {"pid": 0, A: 0, F: fields.GUARD_FAILED})],

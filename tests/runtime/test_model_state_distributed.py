@@ -31,7 +31,10 @@ def test_model_state_interference_names_the_rank(tmp_path, owner_key, scenario, 
     mine = alerts(run_dir, VICTIM)
     everything = mine + alerts(run_dir, 0)
     assert everything, "the interference is seen"
-    assert {a["rank"] for a in everything} == {VICTIM}, everything
+    # the victim is named, and no other rank ever is: the gradient check may add an honest
+    # "cannot tell" (rank None) about gradients the interference moved out of family
+    assert VICTIM in {a["rank"] for a in everything}, everything
+    assert {a["rank"] for a in everything} <= {VICTIM, None}, everything
     assert AT <= min(a["step"] for a in everything) <= AT + 2 * 5, "within two check intervals"
     if detector is not None:
         assert any(a["detector"] == detector for a in mine), mine

@@ -284,9 +284,13 @@ class RngCheck(BaseDetector):
             chain.append(track.source.grab())
             left = self.budget  # twists, for all of this generator's links together
             for i, raw in enumerate(chain):
-                if left <= 0 and i < len(chain) - 1:
+                last = i == len(chain) - 1
+                if left <= 0 and not last:
                     continue  # out of budget: straight to the state at the check
-                left -= self._verify(track, raw, seeded, max(left, 0))
+                # a generator that outran the budget before: its sampled states are only
+                # compared with the states it held (no search); the search is for the last
+                links = 0 if track.heavy and not last else max(left, 0)
+                left -= self._verify(track, raw, seeded, links)
 
     def _verify(self, track: _Track, raw: Any, seeded: bool, budget: int) -> int:
         """Judge one state against the track's baseline; the twists it took."""

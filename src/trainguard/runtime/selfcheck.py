@@ -71,6 +71,24 @@ def bind(obj: Any, names: Iterable[str]) -> list[tuple[Any, str, Any]]:
     return bound
 
 
+#: fields every rank's row must change between checks when a strict majority's do:
+#: (field, kind, what it means)
+_MUST_MOVE = (
+    (
+        "params",
+        "frozen",
+        "parameters did not change since the last check while ranks {others} trained on: "
+        "its values are frozen or replayed",
+    ),
+    (
+        "rng_torch",
+        "rng-still",
+        "random generator did not move since the last check while ranks {others} drew "
+        "from theirs: set back to the same state before every check, or replaced",
+    ),
+)
+
+
 class GuardIntegrity(BaseDetector):
     """See the module docstring."""
 
@@ -153,25 +171,23 @@ class GuardIntegrity(BaseDetector):
             self._frozen(previous, rows)
 
     def _frozen(self, previous: list[list[int]], rows: list[list[int]]) -> None:
-        i, flag = fields.INDEX["params"], fields.INDEX["flags"]
-        usable = [
-            r
-            for r in range(len(rows))
-            if not (rows[r][flag] | previous[r][flag]) & fields.GUARD_FAILED
-        ]
-        still = [r for r in usable if rows[r][i] == previous[r][i]]
-        moved = [r for r in usable if rows[r][i] != previous[r][i]]
-        if len(rows) < 3 or not still or len(moved) * 2 <= len(usable):
-            # nobody moved (lr 0, skipped steps), or no strict majority that did: with two
-            # ranks an attacker's rank that moves alone would make an honest one look frozen
-            return
-        for rank in still:
-            self._name(
-                rank,
-                "frozen",
-                f"rank {rank}'s parameters did not change since the last check while ranks "
-                f"{', '.join(map(str, moved))} trained on: its values are frozen or replayed",
-            )
+        for field, what, text in _MUST_MOVE:
+            i, flag = fields.INDEX[field], fields.INDEX["flags"]
+            usable = [
+                r
+                for r in range(len(rows))
+                if not (rows[r][flag] | previous[r][flag]) & fields.GUARD_FAILED
+            ]
+            still = [r for r in usable if rows[r][i] == previous[r][i]]
+            moved = [r for r in usable if rows[r][i] != previous[r][i]]
+            if len(rows) < 3 or not still or len(moved) * 2 <= len(usable):
+                # nobody moved (lr 0, skipped steps, no random draws), or no strict majority
+                # that did: with two ranks an attacker's rank that moves alone would make an
+                # honest one look frozen
+                continue
+            for rank in still:
+                others = ", ".join(map(str, moved))
+                self._name(rank, what, f"rank {rank}'s {text.format(others=others)}")
 
     def _name(self, rank: int, what: str, text: str) -> None:
         if (rank, what) in self._named:
