@@ -1,7 +1,7 @@
 """One rank of a small DDP job with dropout under the Guard; rank 1 sets its CPU generator
 back after every optimizer step (every step then draws the same dropout masks).
 
-Run as ``python -m tests.runtime.rng_worker RANK PORT RUN_DIR KEY`` (two of these, a real
+Run as ``python -m tests.runtime.rng_worker RANK WORLD PORT RUN_DIR KEY`` (two of these, a real
 gloo group), by ``test_rng_check.test_only_the_rank_that_rewinds_its_generator_is_named``.
 """
 
@@ -21,10 +21,10 @@ AT = 6
 
 
 def main() -> None:
-    rank_s, port, run_dir, key = sys.argv[1:5]
+    rank_s, world_s, port, run_dir, key = sys.argv[1:6]  # as start_ranks passes them
     rank = int(rank_s)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=int(world_s))
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 1)

@@ -7,13 +7,8 @@ real generators; the clean cases are ordinary training practice and must stay qu
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import socket
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainguard
+from tests.runtime.test_guard_distributed import alerts, finish, start_ranks
 from trainguard.runtime import _mt19937 as mt
 from trainguard.runtime._rng_states import (
     MTState,
@@ -432,37 +428,10 @@ def test_guard_names_a_rewind_of_the_cpu_generator(tmp_path, owner_key):
 def test_only_the_rank_that_rewinds_its_generator_is_named(tmp_path, owner_key):
     """Two real ranks (gloo); rank 1 sets its CPU generator back after every optimizer
     step, so that every step draws the same dropout masks."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.runtime.rng_worker", str(r), port, str(run_dir)]
-            + [str(owner_key)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for r in range(2)
-    ]
-    for proc in procs:
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:  # noqa: PERF203 - each rank on its own
-            proc.kill()
-            proc.wait()
-    assert [p.returncode for p in procs] == [0, 0], [p.stderr.read() for p in procs if p.stderr]
-    found = [
-        [
-            a
-            for a in json.loads((run_dir / f"alerts-rank{r}.json").read_text())
-            if a["detector"] == "rng"
-        ]
-        for r in range(2)
-    ]
+    codes = finish(start_ranks("tests.runtime.rng_worker", [], 2, [str(run_dir), str(owner_key)]))
+    assert codes == [0, 0], codes
+    found = [[a for a in alerts(run_dir, r) if a["detector"] == "rng"] for r in range(2)]
     assert found[0] == []
     assert found[1]
     assert {a["rank"] for a in found[1]} == {1}

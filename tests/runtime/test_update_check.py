@@ -6,11 +6,7 @@ PYTEST_DONT_REWRITE: this file plays the job's own code (see test_guard.py).
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +16,7 @@ import pytest
 import torch
 
 import trainguard
+from tests.runtime.test_guard_distributed import alerts, finish, start_ranks
 from trainguard.runtime.interface import StepInfo
 from trainguard.runtime.update_check import UpdateCheck
 
@@ -412,39 +409,12 @@ def test_tampering_only_unsampled_coordinates_does_not_escape(tmp_path, owner_ke
 def test_only_the_patched_rank_is_named(tmp_path, owner_key):
     """Two real gloo ranks; only rank 1's torch is patched to scale the update: rank 1
     names itself, rank 0 stays quiet."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.runtime.update_worker", str(r), port, str(run_dir)]
-            + [str(owner_key)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for r in range(2)
-    ]
-    for proc in procs:
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:  # noqa: PERF203 - each rank on its own
-            proc.kill()
-            proc.wait()
-    assert [p.returncode for p in procs] == [0, 0], [p.stderr.read() for p in procs if p.stderr]
-    found = [
-        [
-            a
-            for a in json.loads((run_dir / f"alerts-rank{r}.json").read_text())
-            if a["detector"] == "update"
-        ]
-        for r in range(2)
-    ]
+    codes = finish(
+        start_ranks("tests.runtime.update_worker", [], 2, [str(run_dir), str(owner_key)])
+    )
+    assert codes == [0, 0], codes
+    found = [[a for a in alerts(run_dir, r) if a["detector"] == "update"] for r in range(2)]
     assert found[0] == []
     assert found[1]
     assert {a["rank"] for a in found[1]} == {1}

@@ -1,6 +1,6 @@
 """One rank of a small DDP job under the Guard; rank 1's torch Adam scales its update.
 
-Run as ``python -m tests.runtime.update_worker RANK PORT RUN_DIR KEY`` (two of these, a
+Run as ``python -m tests.runtime.update_worker RANK WORLD PORT RUN_DIR KEY`` (two of these, a
 real gloo group), by ``test_update_check.test_only_the_patched_rank_is_named``.
 """
 
@@ -22,10 +22,10 @@ AT = 6
 
 
 def main() -> None:
-    rank_s, port, run_dir, key = sys.argv[1:5]
+    rank_s, world_s, port, run_dir, key = sys.argv[1:6]  # as start_ranks passes them
     rank = int(rank_s)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=int(world_s))
     torch.manual_seed(0)
     model = DistributedDataParallel(
         torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
