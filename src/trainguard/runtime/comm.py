@@ -91,6 +91,8 @@ class CommTimer:
         self.in_backward = True  # between a step's start and its optimizer.step
         self.params: Sequence[Any] = ()
         self._reduced: dict[tuple[int, int], _Result] = {}
+        #: sampled results whose completion callback has not run yet (see grads_changed)
+        self._pending = 0
         #: the offset of the sampled coordinates in a buffer of ``numel`` elements sampled
         #: every ``stride`` (the guard's keyed draw; 0 until one is set)
         self.offset: Callable[[int, int], int] = lambda numel, stride: 0
@@ -180,13 +182,27 @@ class CommTimer:
         """Book the collective's time (and result) when it completes; never raises."""
         try:
             if work is not None and hasattr(work, "get_future"):
-                work.get_future().then(lambda fut: self._done(started, reduced, before))
+                counted = reduced is not None
+                if counted:
+                    with self._lock:
+                        self._pending += 1
+                work.get_future().then(lambda fut: self._done(started, reduced, before, counted))
             else:
                 self._done(started, reduced, before)
         except Exception as exc:
             self.on_fault("the all-reduce sensor", exc)
 
-    def _done(self, started: float, reduced: Any, before: Any = None) -> None:
+    def _done(
+        self, started: float, reduced: Any, before: Any = None, counted: bool = False
+    ) -> None:
+        try:
+            self._book(started, reduced, before)
+        finally:
+            if counted:
+                with self._lock:
+                    self._pending = max(0, self._pending - 1)
+
+    def _book(self, started: float, reduced: Any, before: Any) -> None:
         try:
             waited = time.perf_counter() - started
             result = None
@@ -212,10 +228,17 @@ class CommTimer:
         """On a sampled step: are the gradients about to be used what the all-reduces
         produced, up to one positive factor? Compares (sum, sum of absolute values, sum of
         squares) in float64; one sync. None when they are, or when it cannot tell."""
+        # the completion callbacks run on the collective's own thread, possibly after the
+        # job (DDP) has waited for the work: wait for them briefly, so that every rank reads
+        # the results of all its buckets (else ranks would digest different sets)
+        deadline = time.perf_counter() + _CALLBACK_WAIT
+        while self._pending and time.perf_counter() < deadline:
+            time.sleep(0.0002)
         with self._lock:
+            late, self._pending = self._pending, 0  # given up on: never wait for them again
             reduced, self._reduced = self._reduced, {}
-        if not reduced:
-            return None
+        if not reduced or late:
+            return None  # results missing: unchecked, not compared
         import torch
 
         results = list(reduced.values())
@@ -269,6 +292,10 @@ class CommTimer:
         for name, original in self._timed.items():
             if getattr(getattr(dist, name, None), "__wrapped__", None) is original:
                 setattr(dist, name, original)
+
+
+#: seconds grads_changed waits for sampled results' completion callbacks
+_CALLBACK_WAIT = 2.0
 
 
 def moments(tensor: Any) -> Any:
