@@ -32,6 +32,8 @@ from trainguard.runtime.hookwatch import HookWatch
 from trainguard.runtime.interface import Alert, BaseDetector, Context, StepInfo
 from trainguard.runtime.modelstate import ModelState
 from trainguard.runtime.provenance import Attribution, Origin
+from trainguard.runtime.reporting import _describe
+from trainguard.runtime.selfcheck import tampered
 from trainguard.runtime.sensors import AuditSensor, PatchWatch, SeedWatch
 
 _VERSION = operator.attrgetter("_version")
@@ -231,7 +233,7 @@ class SensorChecks(BaseDetector):
         except Exception as exc:
             kind = type(obj).__name__  # type() reads no attribute of the object
             return Attribution(
-                Origin.UNKNOWN, f"a {kind} object that raises when inspected ({_short(exc)})"
+                Origin.UNKNOWN, f"a {kind} object that raises when inspected ({_describe(exc)})"
             )
 
     def _intact(self) -> None:
@@ -249,17 +251,7 @@ class SensorChecks(BaseDetector):
             self._tamper_reported = True
             self.audit.active = self.seeds.active = True  # and back on
             text = "the guard's sensors were switched off or unwrapped in this process: "
-            self.ctx.alert(
-                Alert(
-                    self.ctx.at(),
-                    self.ctx.rank,
-                    "guard-tampered",
-                    Severity.HIGH,
-                    text + ", ".join(off),
-                    {"sensors": off},
-                ),
-                fields.PATCHED,
-            )
+            tampered(self.ctx, text + ", ".join(off), {"sensors": off})
 
     def _seed(self) -> None:
         reseeded = self.seeds.initial_seed_changed()
@@ -297,7 +289,7 @@ class LedgerWatch(BaseDetector):
         except (FileNotFoundError, NotADirectoryError):
             what = "was deleted"
         except OSError as exc:
-            what = f"cannot be read any more ({_short(exc)})"
+            what = f"cannot be read any more ({_describe(exc)})"
         else:
             if (info.st_dev, info.st_ino) != self.identity:
                 what = "was replaced by another file"
@@ -329,9 +321,3 @@ def _stateful(hook: Any) -> bool:
     if isinstance(hook, types.MethodType):
         return True
     return not isinstance(hook, (types.FunctionType, types.BuiltinFunctionType))
-
-
-def _short(exc: BaseException) -> str:
-    from trainguard.runtime.reporting import _describe
-
-    return _describe(exc)
