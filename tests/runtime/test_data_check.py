@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tests.runtime.data_worker import AT, EVERY
 from tests.runtime.test_guard_distributed import start_ranks
 from trainguard.runtime import fields
+from trainguard.runtime.batches import HOLD_BYTES, batch_digest
 from trainguard.runtime.data_check import (
     DataCheck,
     LossFamily,
     _fold,
-    batch_digest,
     repeaters,
     same_data,
 )
@@ -53,7 +53,7 @@ def test_digest_reads_every_kind_of_batch():
 
 def test_digest_is_the_same_in_every_process_and_changes_with_the_data():
     ids = torch.arange(8 * 512).reshape(8, 512)
-    code = "import torch; from trainguard.runtime.data_check import batch_digest as d; "
+    code = "import torch; from trainguard.runtime.batches import HOLD_BYTES, batch_digest as d; "
     code += "print(d(torch.arange(8 * 512).reshape(8, 512)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout) == batch_digest(ids)
@@ -127,6 +127,55 @@ def test_commitment_follows_every_batch_in_order_and_the_interval_restarts():
     assert ab["data_interval"] != ba["data_interval"]
     assert ab2["data_commit"] != ab["data_commit"]
     assert ab2["data_interval"] == _fold(0, batch_digest(a)), "the interval restarts"
+
+
+def intervals(check: DataCheck, batches: list[Any], every: int) -> list[tuple[int, int]]:
+    """(interval digest, commitment) at each check of a run over ``batches``."""
+    out = []
+    for step, batch in enumerate(batches, 1):
+        check.observe(None, batch)
+        if step % every == 0:
+            check.at_check()
+            out.append((check.row()["data_interval"], check.row()["data_commit"]))
+    return out
+
+
+def test_small_cpu_batches_kept_to_the_check_digest_as_at_their_step():
+    batches = [(torch.arange(i, i + 64), {"y": torch.ones(3) * i}) for i in range(12)]
+    kept = DataCheck(context()[0])
+    at_step = DataCheck(context()[0])
+    at_step._hold = False  # digested at each step, as large or device batches are
+    assert intervals(kept, batches, 4) == intervals(at_step, batches, 4)
+    assert kept._hold is True
+    large = DataCheck(context()[0])
+    large.observe(None, torch.zeros(HOLD_BYTES // 4 + 1, dtype=torch.float32))
+    assert large._hold is False and large.held == []
+
+
+def test_a_loader_refilling_one_buffer_loses_that_interval_and_never_alerts():
+    buffer = torch.zeros(64, dtype=torch.int64)
+
+    def refilled(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        buffer.copy_(torch.arange(i, i + 64))  # the loader writes each batch into its buffer
+        return buffer, buffer[:8]
+
+    ctx, seen = context()
+    check = DataCheck(ctx)
+    fresh = DataCheck(context()[0])
+    fresh._hold = False
+    first: list[tuple[int, int]] = []
+    for step in range(12):
+        check.observe(None, refilled(step))
+        fresh.observe(None, (buffer.clone(), buffer[:8].clone()))
+        if step % 4 == 3:
+            check.at_check()
+            fresh.at_check()
+            first.append((check.row()["data_interval"], fresh.row()["data_interval"]))
+    assert seen["alerts"] == [] and check.row()["data_repeats"] == 0
+    assert [r["event"] for r in seen["records"]] == ["data-unchecked"]
+    assert "refills its batch buffers" in seen["records"][0]["detail"]
+    assert first[0][0] == 0, "the refilled interval is not digested (its batches are gone)"
+    assert [a for a, _ in first[1:]] == [b for _, b in first[1:]], "then digested at each step"
 
 
 def test_commitments_are_recorded_each_check_by_rank_0_and_each_ranks_at_close():
@@ -526,7 +575,7 @@ def test_a_batch_on_the_gpu_is_digested_without_a_device_sync():
 
 def test_the_device_digest_follows_the_values():
     """The accelerator's digest (an integer reduction), run here on the CPU."""
-    from trainguard.runtime.data_check import _device_sample
+    from trainguard.runtime.batches import _device_sample
 
     ids = torch.arange(8 * 512).reshape(8, 512)
     changed = ids.clone()

@@ -29,7 +29,7 @@ from trainguard.runtime.fingerprint import (
     text_hash,
 )
 from trainguard.runtime.hookwatch import HookWatch
-from trainguard.runtime.interface import Alert, BaseDetector, Context, StepInfo
+from trainguard.runtime.interface import Alert, BaseDetector, Coins, Context, StepInfo
 from trainguard.runtime.modelstate import ModelState
 from trainguard.runtime.provenance import Attribution, Origin
 from trainguard.runtime.reporting import _describe
@@ -40,6 +40,11 @@ _VERSION = operator.attrgetter("_version")
 
 #: the optimizer state joins the fingerprint at every this many checks
 STATE_EVERY = 4
+#: the share of steps (a keyed draw) after which the parameters are watched until the
+#: next step begins, and the optimizer's settings compared (and at every check): writes or
+#: setting changes on every step are seen within a few steps, one-off ones with this
+#: probability each; the cross-rank hash sees any write that makes a rank differ
+WATCH_RATE = 0.25
 
 
 class OptimizerWatch(BaseDetector):
@@ -59,6 +64,8 @@ class OptimizerWatch(BaseDetector):
         elif lr_schedule is not None:
             self.lr = LearningRate(lr_schedule, ctx.rank)
         self._checks = 0
+        self._coin = Coins(b"optimizer-gap", WATCH_RATE)
+        self._watched = False
         self.reset()
 
     def reset(self) -> None:
@@ -91,17 +98,25 @@ class OptimizerWatch(BaseDetector):
                 {"event": "grads-altered", "detail": f"after the all-reduce: {altered}"},
                 fields.GRADS_ALTERED,
             )
+        if self._versions_after is None:
+            return  # an unwatched gap
         self._writes.before_step()
-        if self._versions_after is not None and self._versions() != self._versions_after:
-            self._versions_after = None
+        if self._versions() != self._versions_after:
             self._written("an in-place operation")
+        self._versions_after = None
 
     def after_step(self) -> None:
-        self._versions_after = None
-        self._versions_after = self._versions()
-        self._writes.after_step()
+        # the gap to the next step is watched on a keyed draw (see WATCH_RATE)
+        self._watched = self._coin(self.ctx.shared_key, self.ctx.steps())
+        self._versions_after = self._versions() if self._watched else None
+        if self._watched:
+            self._writes.after_step()
 
     def observe(self, loss: Any, batch: Any) -> None:
+        if self._watched:
+            self._compare_settings()
+
+    def _compare_settings(self) -> None:
         hyper = hyperparameter_values(self.optimizer, self.managed)
         if hyper == self._hyper_values:
             return
@@ -132,6 +147,7 @@ class OptimizerWatch(BaseDetector):
         return ()
 
     def at_check(self) -> None:
+        self._compare_settings()
         if self._writes.written():
             self._written("their values or storage")
 

@@ -1,7 +1,7 @@
 """Data integrity: what each rank trains on, committed and compared across ranks.
 
-``guard.step(batch=...)`` folds a digest of each batch (a strided sample of at most
-``SAMPLE_BYTES`` of every tensor, with its shape and dtype) into a running commitment of
+``guard.step(batch=...)`` folds a digest of each batch (``batches.py``: a strided sample
+of at most ``SAMPLE_BYTES`` of every tensor, with its shape and dtype) into a running commitment of
 everything this rank has read and into this interval's digest; both travel in the check's
 row, and the commitment is what a replay checks later. At a check every rank compares:
 
@@ -16,7 +16,9 @@ row, and the commitment is what a replay checks later. At a check every rank com
   recomputed from the process group's rank, settings and draw counts shared by all.
 
 Digests are computed where the batch lives: on the CPU with BLAKE2b, on an accelerator as
-a 0-d integer tensor resolved at the check (no device sync per step).
+a 0-d integer tensor resolved at the check (no device sync per step). Small CPU batches are
+kept whole and digested at the check; a loader that refills its buffers in place is seen
+there (one storage at two steps), and that interval's batches are recorded as undigested.
 """
 
 from __future__ import annotations
@@ -32,91 +34,20 @@ from typing import Any
 import torch
 
 from trainguard.errors import Severity
-from trainguard.runtime import fields
+from trainguard.runtime import batches, fields
+from trainguard.runtime.batches import Sampled, batch_sample, holdable, leaves
 from trainguard.runtime.fingerprint import bits_float, float_bits, text_hash
 from trainguard.runtime.interface import Alert, BaseDetector, Context, StepInfo
 from trainguard.runtime.sampler import SamplerWatch
 
-__all__ = ["SAMPLE_BYTES", "DataCheck", "LossFamily", "batch_digest", "same_data"]
+__all__ = ["DataCheck", "LossFamily", "same_data"]
 
-#: at most this many bytes of each tensor of a batch are digested
-SAMPLE_BYTES = 2048
 _MASK63 = (1 << 63) - 1
 _MULT = 0x100000001B3  # an odd multiplier: the commitment depends on the order of batches
-_GOLDEN = -7046029254386353131
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: batches whose samples are held until the check, at most (then digested at once)
+_HELD = 256
 #: a batch digested once more within this many steps is a repeat
 REPEAT_WINDOW = 64
-
-
-def _leaves(batch: Any, path: str, out: list[tuple[str, torch.Tensor]], depth: int) -> bool:
-    """The batch's tensors with where they sit; False for a structure of unknown type."""
-    if isinstance(batch, torch.Tensor):
-        out.append((path, batch))
-        return True
-    if depth > 4:
-        return False
-    if isinstance(batch, Mapping):
-        return all(_leaves(batch[k], f"{path}.{k}", out, depth + 1) for k in sorted(batch, key=str))
-    if isinstance(batch, (list, tuple)):
-        return all(_leaves(v, f"{path}[{i}]", out, depth + 1) for i, v in enumerate(batch))
-    if type(batch).__module__ == "numpy" and hasattr(batch, "__array_interface__"):
-        out.append((path, torch.from_numpy(batch)))
-        return True
-    # numbers and strings beside the tensors (ids, file names) carry no training data
-    return isinstance(batch, (int, float, str, bytes, type(None)))
-
-
-#: dtypes numpy has no type for: their bits are read through an integer view
-_NUMPY_LESS = frozenset(
-    getattr(torch, name)
-    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-    if hasattr(torch, name)
-)
-
-
-def _cpu_sample(tensor: torch.Tensor) -> bytes:
-    if tensor.requires_grad:
-        tensor = tensor.detach()
-    if tensor.dtype in _NUMPY_LESS:
-        tensor = tensor.view(_INT_VIEW[tensor.element_size()])
-    flat: Any = tensor.numpy().reshape(-1)
-    stride = -(-flat.nbytes // SAMPLE_BYTES)
-    return bytes(flat[::stride].tobytes() if stride > 1 else flat.tobytes())
-
-
-def _device_sample(tensor: torch.Tensor, index: int) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1)
-    if not flat.numel():
-        return torch.zeros((), dtype=torch.int64, device=flat.device)
-    stride = max(1, -(-flat.numel() * flat.element_size() // SAMPLE_BYTES))
-    sample = flat[::stride].contiguous()
-    bits = sample.view(_INT_VIEW[sample.element_size()]).to(torch.int64)
-    weights = torch.arange(1, 2 * bits.numel(), 2, device=bits.device) + index * 1_000_003
-    return (((bits ^ (bits >> 17)) * _GOLDEN) * weights).sum()
-
-
-def batch_digest(batch: Any) -> int | torch.Tensor | None:
-    """A 63-bit digest of a batch: an int (CPU tensors), a 0-d int64 tensor on the device
-    (resolved later: no sync), or None for a batch of no known type."""
-    leaves: list[tuple[str, torch.Tensor]] = []
-    if not _leaves(batch, "", leaves, 0) or not leaves:
-        return None
-    hasher = hashlib.blake2b(digest_size=8)
-    hasher.update(repr([(p, t.shape, t.dtype) for p, t in leaves]).encode())
-    on_device: torch.Tensor | None = None
-    for index, (_, tensor) in enumerate(leaves):
-        if tensor.layout is not torch.strided:
-            continue
-        if tensor.is_cpu:
-            hasher.update(_cpu_sample(tensor))
-            continue
-        part = _device_sample(tensor, index)
-        on_device = part if on_device is None else on_device + part
-    digest = int.from_bytes(hasher.digest(), "little") & _MASK63
-    if on_device is None:
-        return digest | 1  # never 0: 0 means "no batch"
-    return ((on_device + digest) & _MASK63) | 1
 
 
 def _fold(state: int, digest: int) -> int:
@@ -209,7 +140,10 @@ class DataCheck(BaseDetector):
         except Exception as exc:  # a loader it cannot read: unchecked, never the job's end
             ctx.fault("the data sampler check", exc)
             self.sampler = SamplerWatch(None, ctx.rank, ctx.world, ctx.fault)
-        self.pending: list[int | torch.Tensor] = []
+        self.pending: list[Sampled | int | torch.Tensor] = []
+        #: small CPU batches are kept whole until the check (None: not decided yet)
+        self._hold: bool | None = None
+        self.held: list[Any] = []
         self.commitment = 0
         self.recent: deque[int] = deque(maxlen=REPEAT_WINDOW)
         self.losses: list[float] = []
@@ -229,21 +163,72 @@ class DataCheck(BaseDetector):
     def observe(self, loss: Any, batch: Any) -> None:
         if batch is None:
             return
-        digest = batch_digest(batch)
-        if digest is None:
+        if self._hold:
+            # the batch itself, kept to the check: no per-step work (a container copied,
+            # the job may refill its own)
+            kind = type(batch)
+            self.held.append(
+                dict(batch) if kind is dict else list(batch) if kind is list else batch
+            )
+            if len(self.held) >= _HELD:
+                self._take_held()
+            return
+        if self._hold is None:
+            self._hold = holdable([batch])
+            if self._hold:
+                self.observe(loss, batch)
+                return
+        self._take(batch, batch_sample(batch))
+        if len(self.pending) % _HELD == 0:
+            # a long interval: what is held is digested now, so memory stays bounded
+            self.pending = [
+                batches.digest(p) if isinstance(p, Sampled) else p for p in self.pending
+            ]
+
+    def _take(self, batch: Any, sampled: Sampled | int | torch.Tensor | None) -> None:
+        if sampled is None:
             if not self.unchecked_seen:
                 self.unchecked_seen = True
-                self.ctx.record(
-                    {
-                        "step": self.ctx.at(),
-                        "rank": self.ctx.rank,
-                        "event": "data-unchecked",
-                        "detail": f"batches of type {type(batch).__qualname__} are not digested",
-                    }
-                )
+                self._unchecked(f"batches of type {type(batch).__qualname__} are not digested")
             return
-        self.pending.append(digest)
+        self.pending.append(sampled)
         self._batches += 1
+
+    def _unchecked(self, detail: str) -> None:
+        self.ctx.record(
+            {
+                "step": self.ctx.at(),
+                "rank": self.ctx.rank,
+                "event": "data-unchecked",
+                "detail": detail,
+            }
+        )
+
+    def _take_held(self) -> None:
+        """Digest the batches kept since the last check, unless the loader refilled one
+        in place (a buffer seen at two steps): those are lost, and every batch is digested
+        at its step from then on."""
+        held, self.held = self.held, []
+        if not held:
+            return
+        owner: dict[int, int] = {}
+        for index, batch in enumerate(held):
+            found: list[tuple[str, torch.Tensor]] = []
+            leaves(batch, "", found, 0)
+            for _, tensor in found:
+                pointer = tensor.untyped_storage().data_ptr()
+                if pointer and owner.setdefault(pointer, index) != index:
+                    self._hold = False
+                    self._unchecked(
+                        f"the loader refills its batch buffers: {len(held)} batches not "
+                        "digested; from now on each batch is digested at its step"
+                    )
+                    return
+        for batch in held:
+            sampled = batch_sample(batch, copy=False)
+            self._take(batch, None if sampled is None else batches.digest(sampled))
+        if not holdable(held):
+            self._hold = False
 
     def on_step(self, info: StepInfo) -> Iterable[Alert]:
         if info.loss is not None and math.isfinite(info.loss):
@@ -255,7 +240,9 @@ class DataCheck(BaseDetector):
     def _fold_pending(self) -> tuple[int, int]:
         """Fold the digests since the last check (one device sync for all): the interval's
         digest and how many of its batches were repeats."""
-        pending, self.pending = self.pending, []
+        self._take_held()
+        pending = [batches.digest(p) if isinstance(p, Sampled) else p for p in self.pending]
+        self.pending = []
         devices = [d for d in pending if isinstance(d, torch.Tensor)]
         values: list[int] = []
         if devices:

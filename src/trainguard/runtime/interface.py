@@ -9,6 +9,8 @@ is also compared with its peers' (``agreement``) and recorded outside the proces
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NewType, Protocol
@@ -58,6 +60,31 @@ class GuardHalt(Error):
     def __init__(self, alert: Alert) -> None:
         self.alert = alert
         super().__init__(f"training halted by trainguard: {alert.line()}")
+
+
+class Coins:
+    """Keyed coin flips, one per step: the same on every rank (the key is shared) and
+    unpredictable to the job's code, so interference kept to unwatched steps cannot be
+    planned. One BLAKE2b call draws 32 steps (16-bit coins): a flip costs a lookup."""
+
+    def __init__(self, what: bytes, rate: float) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"a coin's rate must be in [0, 1], not {rate}")
+        self.what = what
+        self.threshold = round(rate * 65536)
+        self._block = -1
+        self._coins: tuple[int, ...] = ()
+
+    def __call__(self, key: bytes, n: int) -> bool:
+        if self.threshold >= 65536:
+            return True
+        block, at = divmod(n, 32)
+        if block != self._block:
+            data = self.what + block.to_bytes(8, "little", signed=True)
+            digest = hashlib.blake2b(data, key=key[:64], digest_size=64).digest()
+            self._coins = struct.unpack("<32H", digest)
+            self._block = block
+        return self._coins[at] < self.threshold
 
 
 @dataclass

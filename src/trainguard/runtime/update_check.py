@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from trainguard.errors import Severity
-from trainguard.runtime.interface import Alert, BaseDetector, StepInfo
+from trainguard.runtime.interface import Alert, BaseDetector, Coins, StepInfo
 from trainguard.runtime.update_math import (
     _FIRST,
     _adam,
@@ -176,7 +176,7 @@ class UpdateCheck(BaseDetector):
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"update check rate must be in (0, 1], not {rate}")
         self.optimizer = optimizer
-        self._threshold = min(int(rate * 2**64), 2**64 - 1)
+        self._coins = Coins(b"step", rate)
         self.rank = rank
         self.clock = clock
         self.record = record
@@ -219,10 +219,7 @@ class UpdateCheck(BaseDetector):
     def _chosen(self, n: int) -> bool:
         """Whether optimizer step ``n`` is checked: a keyed draw, unpredictable without
         the key, so interference kept to unchecked steps cannot be planned."""
-        if self._threshold >= 2**64 - 1:
-            return True
-        digest = hashlib.shake_256(self._key + b"step" + n.to_bytes(8, "little")).digest(8)
-        return int.from_bytes(digest, "little") < self._threshold
+        return self._coins(self._key, n)
 
     def _draw(self, n: int) -> list[_Slot]:
         total = int(self._cumulative[-1]) if len(self._cumulative) else 0
