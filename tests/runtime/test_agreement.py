@@ -4,6 +4,8 @@ own evidence proves it; otherwise it says the ranks disagree and that it cannot 
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 import torch
 
@@ -156,6 +158,7 @@ def _integrity(world: int, pids: list[int]) -> tuple[GuardIntegrity, list[Alert]
     check._previous = None
     check._named = set()
     check._rows = 0
+    check._rng_moves = deque(maxlen=2)
     return check, said
 
 
@@ -168,6 +171,7 @@ def _named(
 
 
 A = "rows"
+D = "dropout"
 SELF_CASES = [
     (
         "moving rows",
@@ -242,6 +246,44 @@ SELF_CASES = [
                     for r in range(3)
                 )
             ),
+        ],
+        [],
+    ),
+    *(
+        (
+            label,
+            [10, 11],
+            [
+                rows(*({"pid": 10 + r, A: 1, P: 1, "rng_torch": 5 + r, D: drop} for r in range(2))),
+                rows(*({"pid": 10 + r, A: 2, P: 2, "rng_torch": 7 + r, D: drop} for r in range(2))),
+                rows(
+                    {"pid": 10, A: 3, P: 3, "rng_torch": 9, D: drop},
+                    {"pid": 11, A: 3, P: 3, "rng_torch": last, D: drop, "events": events},
+                ),
+            ],
+            expected,
+        )
+        for label, drop, last, events, expected in [
+            (
+                "two ranks with CPU dropout: rank 1's generator stops after moving",
+                1,
+                8,
+                0,
+                [(1, "rng-stopped")],
+            ),
+            ("two ranks, no dropout (rank 0 alone samples): nothing", 0, 8, 0, []),
+            ("two ranks, dropout on the GPU: the CPU generator proves nothing", 2, 8, 0, []),
+            ("two ranks, rank 1 re-seeded (a seeding event): nothing", 1, 8, 1, []),
+            ("two ranks, both still moving: nothing", 1, 10, 0, []),
+        ]
+    ),
+    (
+        "two ranks, both stop together (the job stopped drawing): nothing",
+        [10, 11],
+        [
+            rows(*({"pid": 10 + r, A: 1, P: 1, "rng_torch": 5 + r, D: 1} for r in range(2))),
+            rows(*({"pid": 10 + r, A: 2, P: 2, "rng_torch": 7 + r, D: 1} for r in range(2))),
+            rows(*({"pid": 10 + r, A: 3, P: 3, "rng_torch": 7 + r, D: 1} for r in range(2))),
         ],
         [],
     ),

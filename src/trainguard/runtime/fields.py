@@ -82,6 +82,9 @@ TABLE: tuple[Field, ...] = (
     Field("buffers", "model-state", "holds different buffers", BUFFERS_WRITTEN | PATCHED),
     # how many rows this rank has built: a replayed row repeats an old count (selfcheck.py)
     Field("rows", "guard-integrity"),
+    # where this rank's model draws dropout masks in training: 0 nowhere, 1 torch's CPU
+    # generator, 2 the accelerator's (selfcheck.py: a generator that stops while it must move)
+    Field("dropout", "guard-integrity"),
     # the data each rank reads (data_check.py): compared by its owner, not by agreement
     Field("data_commit", "data"),
     Field("data_interval", "data"),

@@ -22,8 +22,11 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from torch.nn.modules.dropout import _DropoutNd
 
 from trainguard.errors import Severity
 from trainguard.runtime import fields
@@ -71,6 +74,9 @@ def bind(obj: Any, names: Iterable[str]) -> list[tuple[Any, str, Any]]:
     return bound
 
 
+#: checks in a row at which both ranks' generators moved before one that stops is named
+_STEADY = 1
+
 #: fields every rank's row must change between checks when a strict majority's do:
 #: (field, kind, what it means)
 _MUST_MOVE = (
@@ -107,6 +113,8 @@ class GuardIntegrity(BaseDetector):
         self.pids: list[int] = []  # each rank's pid as it announced it at start
         self._previous: list[list[int]] | None = None
         self._named: set[tuple[int, str]] = set()
+        #: per check, which ranks' torch generators moved since the one before (two ranks)
+        self._rng_moves: deque[list[bool]] = deque(maxlen=_STEADY + 1)
         self._rows = 0  # rows this rank built: a fresh row has a higher count
 
     def bind(self, guard: Any, names: Iterable[str], detectors: list[Any]) -> None:
@@ -160,6 +168,50 @@ class GuardIntegrity(BaseDetector):
                 )
         if previous is not None and len(previous) == len(rows) and len(rows) > 1:
             self._frozen(previous, rows)
+            if len(rows) == 2:
+                self._stopped(previous, rows)
+        else:
+            self._rng_moves.clear()
+
+    def _stopped(self, previous: list[list[int]], rows: list[list[int]]) -> None:
+        """Two ranks have no majority, but a generator that moved at every check on both
+        ranks and then stops on one, while the other's still moves, with no re-seeding,
+        mode or module setting changed on it: the same code drew from it as before, so it
+        was set back (rewound before every step). A job whose draws stop legitimately
+        stops them on both ranks; one that never drew was never moving. Only where both
+        models hold CPU dropout in training mode (row field ``dropout``): without it, the CPU
+        generator may move at epochs only, and on one rank only (rank 0's sampling)."""
+        index = fields.INDEX
+        i = index["rng_torch"]
+        if rows[0][index["dropout"]] != 1 or rows[1][index["dropout"]] != 1:
+            # no CPU dropout: the CPU generator may move only at epochs, on one rank only
+            self._rng_moves.clear()
+            return
+        if any(
+            (r[index["flags"]] | p[index["flags"]]) & fields.GUARD_FAILED
+            for r, p in zip(rows, previous, strict=True)
+        ):
+            self._rng_moves.clear()
+            return
+        moved = [rows[r][i] != previous[r][i] for r in range(2)]
+        history = list(self._rng_moves)
+        self._rng_moves.append(moved)
+        if len(history) < _STEADY or not all(all(m) for m in history[-_STEADY:]):
+            return
+        if moved.count(False) != 1:
+            return
+        rank = moved.index(False)
+        calm = ("events", "modes", "attributes")
+        if any(rows[rank][index[f]] != previous[rank][index[f]] for f in calm):
+            return  # re-seeded, or its model changed mode or settings: not provably set back
+        self._name(
+            rank,
+            "rng-stopped",
+            f"rank {rank}'s random generator stopped moving since the last check, after moving "
+            f"before it, while rank {1 - rank}'s still moves, with CPU dropout in training mode "
+            f"on both ranks, and rank {rank} neither re-seeded nor changed its model's modes or "
+            "settings: set back to the same state before every step",
+        )
 
     def _frozen(self, previous: list[list[int]], rows: list[list[int]]) -> None:
         for field, what, text in _MUST_MOVE:
@@ -197,7 +249,19 @@ class GuardIntegrity(BaseDetector):
 
     def row(self) -> Mapping[str, Any]:
         self._rows += 1
-        return {"rows": self._rows}
+        return {"rows": self._rows, "dropout": _dropout(self.ctx.model, self.ctx.device)}
+
+
+def _dropout(model: Any, device: Any) -> int:
+    """1 (CPU) or 2 (an accelerator) when a dropout module of the model is in training
+    mode with p > 0 (its masks are drawn from that device's generator at every forward)."""
+    modules = getattr(model, "modules", None)
+    if modules is None:
+        return 0
+    for module in modules():
+        if isinstance(module, _DropoutNd) and module.training and module.p > 0:
+            return 1 if getattr(device, "type", "cpu") == "cpu" else 2
+    return 0
 
 
 def tampered(ctx: Context, text: str, details: dict[str, Any]) -> None:
