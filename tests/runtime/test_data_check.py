@@ -149,7 +149,8 @@ def test_small_cpu_batches_kept_to_the_check_digest_as_at_their_step():
     assert kept._hold is True
     large = DataCheck(context()[0])
     large.observe(None, torch.zeros(HOLD_BYTES // 4 + 1, dtype=torch.float32))
-    assert large._hold is False and large.held == []
+    assert large._hold is False
+    assert large.held == []
 
 
 def test_a_loader_refilling_one_buffer_loses_that_interval_and_never_alerts():
@@ -171,7 +172,8 @@ def test_a_loader_refilling_one_buffer_loses_that_interval_and_never_alerts():
             check.at_check()
             fresh.at_check()
             first.append((check.row()["data_interval"], fresh.row()["data_interval"]))
-    assert seen["alerts"] == [] and check.row()["data_repeats"] == 0
+    assert seen["alerts"] == []
+    assert check.row()["data_repeats"] == 0
     assert [r["event"] for r in seen["records"]] == ["data-unchecked"]
     assert "refills its batch buffers" in seen["records"][0]["detail"]
     assert first[0][0] == 0, "the refilled interval is not digested (its batches are gone)"

@@ -20,9 +20,7 @@ def run(mode: str, tmp_path, owner_key) -> list[list[dict]]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_generator_set_back_before_every_update_on_one_of_two_ranks_is_named(
-    tmp_path, owner_key
-):
+def test_a_generator_set_back_before_every_update_on_one_of_two_ranks_is_named(tmp_path, owner_key):
     found = [a for per_rank in run("rewind", tmp_path, owner_key) for a in per_rank]
     assert found, "the rewound generator was not seen"
     assert {a["rank"] for a in found} == {1}, found

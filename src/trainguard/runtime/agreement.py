@@ -15,7 +15,6 @@ validation loader), so a difference there proves nothing by itself.
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,59 +82,103 @@ def gather(row: torch.Tensor, group: Any = None) -> torch.Tensor:
 @dataclass
 class Straggler:
     """A rank steadily slower than its peers, by two measures that do not count the time
-    a rank spends waiting for the others: its busy time per step (wall time less the
-    wait in DDP's all-reduce, when the guard could time it), and how late it reaches the
-    check's collective (the last to arrive waits least).
+    a rank spends waiting for the others: its busy time per step (the median over the
+    steps since the last check of the wall time less the wait in DDP's all-reduce, when
+    the guard could time it), and how late it reaches the check's collective (the last to
+    arrive waits least).
 
-    "Steadily" needs evidence: ``patience`` checks in a row *and* at least ``min_steps``
-    steps observed slow, so that a few checks a few steps apart on a busy machine (a
-    neighbour's job, a compile) are not enough to call a colleague's rank slow.
+    "Steadily" needs evidence graded by the size of the effect (``tiers``): checks
+    in a row *and* steps observed slow, so that a few checks a few steps apart on a busy
+    machine are not enough to call a colleague's rank slow, while a rank many times
+    slower than its peers is named within two checks. Lateness at the check is one
+    sample per check (a checkpoint saved just before it makes rank 0 late each time), so
+    it counts only towards the first, patient tier.
     """
 
-    factor: float = 1.5
-    min_seconds: float = 0.02
-    patience: int = 2
-    min_steps: int = 50
-    streaks: dict[int, tuple[int, int]] = field(default_factory=dict)  # checks, steps
+    @dataclass(frozen=True)
+    class Tier:
+        """A rank slower than ``factor`` times its peers' median *and* ``seconds`` more,
+        on ``checks`` checks in a row that cover at least ``steps`` steps."""
+
+        factor: float
+        seconds: float
+        checks: int
+        steps: int
+
+    #: the evidence each size of slowness needs, smallest first. A small excess (1.5x)
+    #: is what a busy neighbour or a compile makes: it needs 50 slow steps. A large one
+    #: (4x and 50 ms more per step, each a median over the window, so that a one-off slow
+    #: step -- a checkpoint save, a log line, an evaluation on rank 0 -- moves nothing)
+    #: is unmistakable after two checks that cover 16 steps.
+    tiers: tuple[Tier, ...] = (Tier(1.5, 0.02, 2, 50), Tier(4.0, 0.05, 2, 16))
+    #: per rank, per tier: checks and steps in the current slow streak
+    streaks: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     fired: set[int] = field(default_factory=set)
 
     def check(
         self, step: int, busy: Sequence[float], arrival: Sequence[float], steps: int = 1
     ) -> list[Alert]:
-        alerts = []
+        alerts: list[Alert] = []
+        if len(busy) < 2:
+            return alerts
+        # each rank against the median of the others, from one sort of each measure
+        peers_busy, peers_arrival = _peer_medians(busy), _peer_medians(arrival)
         for rank, mine in enumerate(busy):
-            others = [b for r, b in enumerate(busy) if r != rank]
-            if not others:
-                continue
-            typical = statistics.median(others)
-            lag = arrival[rank] - statistics.median(a for r, a in enumerate(arrival) if r != rank)
-            slow_work = mine > self.factor * typical and mine - typical > self.min_seconds
-            late = lag > self.min_seconds and lag > (self.factor - 1) * typical
-            if not (slow_work or late):
+            typical = peers_busy[rank]
+            lag = arrival[rank] - peers_arrival[rank]
+            streaks = self.streaks.get(rank) or [(0, 0)] * len(self.tiers)
+            hit: tuple[int, bool] | None = None
+            for i, tier in enumerate(self.tiers):
+                slow_work = mine > tier.factor * typical and mine - typical > tier.seconds
+                late = i == 0 and lag > tier.seconds and lag > (tier.factor - 1) * typical
+                if not (slow_work or late):
+                    streaks[i] = (0, 0)
+                    continue
+                checks, slow_steps = streaks[i][0] + 1, streaks[i][1] + steps
+                streaks[i] = (checks, slow_steps)
+                if hit is None and checks >= tier.checks and slow_steps >= tier.steps:
+                    hit = (i, slow_work)
+            if not any(checks for checks, _ in streaks):
                 self.streaks.pop(rank, None)
                 self.fired.discard(rank)
                 continue
-            checks, slow_steps = self.streaks.get(rank, (0, 0))
-            checks, slow_steps = checks + 1, slow_steps + steps
-            self.streaks[rank] = (checks, slow_steps)
-            if checks >= self.patience and slow_steps >= self.min_steps and rank not in self.fired:
-                self.fired.add(rank)
-                how = (
-                    f"{mine * 1e3:.0f} ms of work per step against {typical * 1e3:.0f} ms"
-                    if slow_work
-                    else f"reaches the check {lag * 1e3:.0f} ms after its peers"
+            self.streaks[rank] = streaks
+            if hit is None or rank in self.fired:
+                continue
+            self.fired.add(rank)
+            which, slow_work = hit
+            checks, slow_steps = streaks[which]
+            how = (
+                f"{mine * 1e3:.0f} ms of work per step against {typical * 1e3:.0f} ms"
+                if slow_work
+                else f"reaches the check {lag * 1e3:.0f} ms after its peers"
+            )
+            alerts.append(
+                Alert(
+                    step,
+                    rank,
+                    "straggler",
+                    Severity.MEDIUM,
+                    f"rank {rank} is steadily slower: {how} ({slow_steps} steps, {checks} checks)",
+                    {"busy_s": mine, "peers_s": typical, "lag_s": lag, "steps": slow_steps},
                 )
-                alerts.append(
-                    Alert(
-                        step,
-                        rank,
-                        "straggler",
-                        Severity.MEDIUM,
-                        f"rank {rank} is steadily slower: {how}",
-                        {"busy_s": mine, "peers_s": typical, "lag_s": lag},
-                    )
-                )
+            )
         return alerts
+
+
+def _peer_medians(values: Sequence[float]) -> list[float]:
+    """For each position, the median of the other values: O(n log n), not O(n^2), so a
+    check on thousands of ranks stays cheap."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ordered = [values[i] for i in order]
+    position = {rank: p for p, rank in enumerate(order)}
+    n = len(values) - 1  # the others: the middle one or two of them
+    lo, hi = (n - 1) // 2, n // 2
+    out = []
+    for rank in range(len(values)):
+        p = position[rank]  # skipping this rank's own place in the order
+        out.append((ordered[lo + (lo >= p)] + ordered[hi + (hi >= p)]) / 2)
+    return out
 
 
 class Reported:

@@ -33,7 +33,7 @@ def install(
     lr_schedule: Any,
     seed: int | None,
     code_roots: Sequence[str | os.PathLike[str]],
-    update_rate: float,
+    rates: dict[str, float],
     loader: Any,
     hang_timeout: float,
 ) -> None:
@@ -76,7 +76,7 @@ def install(
         comm=guard.comm,
         shared_key=os.urandom(32),
         events=lambda: guard.events,
-        options={"loader": loader, "seed": seed},
+        options={"loader": loader, "seed": seed, **rates},
     )
     guard.optimizer_watch = OptimizerWatch(ctx, lr_schedule)
     guard._loss = RobustAnomaly("loss-anomaly", lambda i: i.loss, guard.rank)
@@ -86,7 +86,7 @@ def install(
         guard.rank,
         clock=lambda: guard._step,
         record=guard._record,
-        rate=update_rate,
+        rate=rates["update_rate"],
     )
     grad_norm = RobustAnomaly("grad-norm-anomaly", lambda i: i.grad_norm, guard.rank)
     guard.detectors = [guard.optimizer_watch, NonFinite(guard.rank), guard._loss, grad_norm]

@@ -64,7 +64,7 @@ class OptimizerWatch(BaseDetector):
         elif lr_schedule is not None:
             self.lr = LearningRate(lr_schedule, ctx.rank)
         self._checks = 0
-        self._coin = Coins(b"optimizer-gap", WATCH_RATE)
+        self._coin = Coins(b"optimizer-gap", ctx.options.get("watch_rate", WATCH_RATE))
         self._watched = False
         self.reset()
 

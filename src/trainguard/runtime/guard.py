@@ -40,7 +40,7 @@ from trainguard.errors import Error, Severity
 from trainguard.runtime import agreement, assembly, checkpoints, closing, ledger_tail, selfcheck
 from trainguard.runtime.assembly import _detached, _dist, unwrap_optimizer
 from trainguard.runtime.comm import CommTimer
-from trainguard.runtime.core import LedgerWatch, OptimizerWatch
+from trainguard.runtime.core import WATCH_RATE, LedgerWatch, OptimizerWatch
 from trainguard.runtime.dynamics import LrSchedule, RobustAnomaly
 from trainguard.runtime.fingerprint import float_bits, params_hash, rng_hashes, text_hash
 from trainguard.runtime.interface import (
@@ -110,11 +110,13 @@ class Guard(Reporting):
         code_roots: Sequence[str | os.PathLike[str]] = (),
         update_rate: float = DEFAULT_RATE,
         loader: Any = None,
+        watch_rate: float = WATCH_RATE,
     ) -> None:
         if every < 1:
             raise GuardError("every must be at least 1")
-        if not 0.0 < update_rate <= 1.0:
-            raise GuardError(f"update_rate must be in (0, 1], not {update_rate}")
+        for name, rate in (("update_rate", update_rate), ("watch_rate", watch_rate)):
+            if not 0.0 < rate <= 1.0:
+                raise GuardError(f"{name} must be in (0, 1], not {rate}")
         if policy not in ("alert", "halt"):
             raise GuardError(f"policy must be 'alert' or 'halt', not {policy!r}")
         self.model = model
@@ -184,7 +186,8 @@ class Guard(Reporting):
                 },
                 rank=self.rank,
             )
-            assembly.install(self, lr_schedule, seed, code_roots, update_rate, loader, hang_timeout)
+            rates = {"update_rate": update_rate, "watch_rate": watch_rate}
+            assembly.install(self, lr_schedule, seed, code_roots, rates, loader, hang_timeout)
             self._peers = selfcheck.exchange(self)
             for alert in env_alerts:
                 if alert.rank is None:

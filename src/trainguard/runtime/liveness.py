@@ -10,6 +10,12 @@ in the main thread), nothing for SIG_IGN, or the default action (the process end
 When it did not run, the guard still records the signal, with the sender unknown.
 SIGKILL cannot be observed by its victim; the surviving ranks notice the dead peer
 instead.
+
+SIGSTOP cannot be caught either, but the SIGCONT that ends the pause can: the kernel
+continues a stopped process when SIGCONT is sent, blocked or not, and the blocked signal
+then waits for the receiving thread with its sender. Its default action is only that
+continuing, already done: it is never sent again, and runs a Python handler only where
+the job installed one.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 TERMINATING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+#: what the receiving thread takes: the terminating signals, and SIGCONT (a stopped rank)
+WATCHED = (*TERMINATING, signal.SIGCONT)
 
-#: what a signal does once recorded: the handler in force, nothing, or the default action
-Action = Literal["handler", "ignored", "default"]
+#: what a signal does once recorded: the handler in force, nothing, the default action,
+#: or (SIGCONT without a handler) nothing more: the process was continued when it was sent
+Action = Literal["handler", "ignored", "default", "continued"]
 
 # A signal simulated with ``interrupt_main`` runs its handler only when the main thread
 # next executes bytecode; a real one also cuts short a blocking call (``time.sleep``, a
@@ -56,7 +65,7 @@ def protect_signals() -> None:
     global _protected, _receiver
     if _protected or threading.current_thread() is not threading.main_thread():
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, set(TERMINATING))
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(WATCHED))
     _protected = True
     if signal.getsignal(_NUDGE) in (signal.SIG_DFL, None):
         signal.signal(_NUDGE, _nudged)
@@ -64,7 +73,7 @@ def protect_signals() -> None:
     _receiver.start()
     # daemon threads stop running when the interpreter finalises: from then on the
     # main thread must receive the signals itself, or a SIGTERM at exit would be lost
-    atexit.register(signal.pthread_sigmask, signal.SIG_UNBLOCK, set(TERMINATING))
+    atexit.register(signal.pthread_sigmask, signal.SIG_UNBLOCK, set(WATCHED))
 
 
 def _nudged(signum: int, frame: Any) -> None:
@@ -77,7 +86,7 @@ def _unprotect_in_child() -> None:
     global _protected
     if _protected:
         _protected = False
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(TERMINATING))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(WATCHED))
 
 
 os.register_at_fork(after_in_child=_unprotect_in_child)
@@ -85,11 +94,15 @@ os.register_at_fork(after_in_child=_unprotect_in_child)
 
 def _receive() -> None:
     while True:
-        info = signal.sigwaitinfo(set(TERMINATING))
+        info = signal.sigwaitinfo(set(WATCHED))
         _deliver(info.si_signo, info.si_pid, info.si_uid)
 
 
-def _action(handler: Any) -> Action:
+def _action(handler: Any, signum: int) -> Action:
+    if signum == signal.SIGCONT:
+        # continued by the kernel at sending time; the default action is nothing more,
+        # and must never be re-sent (a handler set outside Python is not ours to run)
+        return "handler" if callable(handler) else "continued"
     if handler == signal.SIG_IGN:
         return "ignored"
     if callable(handler):
@@ -100,7 +113,7 @@ def _action(handler: Any) -> Action:
 def _deliver(signum: int, pid: int, uid: int) -> None:
     """Tell the listeners, then act as the signal would have without trainguard."""
     handler = signal.getsignal(signum)
-    action = _action(handler)
+    action = _action(handler, signum)
     if isinstance(getattr(handler, "__self__", None), SignalWatch):
         _senders[signum] = (pid, uid)  # a watch's own handler reports it, with the sender
     with _listeners_lock:
@@ -167,7 +180,8 @@ REPORT_TIMEOUT = 10.0
 
 
 class SignalWatch:
-    """Reports each terminating signal to ``callback``, with its sender where the OS tells.
+    """Reports each terminating signal, and SIGCONT, to ``callback``, with its sender
+    where the OS tells.
 
     The event says what the signal does next (``action``): with "default" the process
     ends as soon as the callback returns, so the callback writes what must survive it.
@@ -180,13 +194,13 @@ class SignalWatch:
         # a thread started before protect_signals (OpenMP's, at ``import torch``) may
         # take a signal too; then handlers in the main thread see every signal, and
         # the receiving thread hands them the sender of those it got
-        self.with_sender = _protected and all(_all_threads_block(s) for s in TERMINATING)
+        self.with_sender = _protected and all(_all_threads_block(s) for s in WATCHED)
         self._previous: dict[int, Any] = {}
         if self.with_sender:
             with _listeners_lock:
                 _listeners.append(self)
         elif threading.current_thread() is threading.main_thread():
-            for signum in TERMINATING:
+            for signum in WATCHED:
                 self._previous[signum] = signal.signal(signum, self._handle)
 
     def report(self, event: dict[str, Any]) -> None:
@@ -197,7 +211,7 @@ class SignalWatch:
 
     def _handle(self, signum: int, frame: Any) -> None:
         previous = self._previous.get(signum)
-        action = _action(previous)
+        action = _action(previous, signum)
         pid, uid = _senders.pop(signum, (None, None))
         # report from another thread: this handler may have interrupted the main thread
         # inside the ledger, whose lock it holds; a wait with a limit cannot deadlock
@@ -254,6 +268,10 @@ class Watchdog:
     def beat(self) -> None:
         self.last = time.monotonic()
         self.reported = False
+
+    def idle(self) -> float:
+        """Seconds since the last step finished (a stopped process's clock runs on)."""
+        return time.monotonic() - self.last
 
     def _run(self) -> None:
         period = max(0.05, min(1.0, self.timeout / 4))

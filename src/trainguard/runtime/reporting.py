@@ -219,7 +219,28 @@ class Reporting:
 
     def _on_signal(self, event: dict[str, Any]) -> None:
         """A terminating signal and its sender, from the signal thread. With action
-        "default" the process ends as soon as this returns: the run is closed first."""
+        "default" the process ends as soon as this returns: the run is closed first.
+
+        SIGCONT says another process stopped this rank (SIGSTOP, which nobody can catch)
+        and let it go on: a MEDIUM alert naming the rank and the sender. Not HIGH: the
+        job's state is intact and training goes on, the harm is the time lost (which the
+        straggler and hang checks measure), and a person may stop their own job from a
+        terminal (^Z, ``fg``); halting the run on it would add to the time lost. It
+        neither closes the run nor changes what a terminating signal does."""
+        if event["signal"] == "SIGCONT":
+            watchdog = getattr(self, "watchdog", None)
+            idle = watchdog.idle() if watchdog is not None else None
+            event = {**event, "idle_s": idle}
+            text = (
+                f"rank {self.rank} was stopped and continued: SIGCONT from pid "
+                f"{event['sender_pid']} (uid {event['sender_uid']}): {event['sender']}"
+                + (f"; no step finished for {idle:.1f} s" if idle is not None else "")
+            )
+            if self.ledger is None:
+                sys.stderr.write(f"trainguard: {text}\n")
+            else:
+                self._raise(Alert(self.at, self.rank, "signal", Severity.MEDIUM, text, event))
+            return
         if event["action"] != "ignored":
             self._signal = event
         what = {"handler": "its handler runs", "ignored": "ignored", "default": "the process ends"}
