@@ -358,6 +358,7 @@ def train(
                 guard.close()
             finally:
                 result["guard_seconds"] = getattr(guard, "overhead_seconds", None)
+                result["guard_collective_seconds"] = getattr(guard, "collective_seconds", None)
                 alerts = [_alert_dict(a) for a in getattr(guard, "alerts", [])]
                 (run_dir / f"alerts-rank{rank}.json").write_text(json.dumps(alerts, indent=1))
     result["val_loss"] = _evaluate(model, val_set, cfg, device)

@@ -145,6 +145,9 @@ class Guard(Reporting):
         self._callers = {}
         #: seconds spent in the guard's own code during training (step and hooks)
         self.overhead_seconds = 0.0
+        #: of which in the check's collective: mostly waiting for the last rank to arrive,
+        #: which a synchronous job would otherwise spend at its next all-reduce
+        self.collective_seconds = 0.0
         # from here on a signal (Ctrl-C, torchrun's SIGTERM) can end the start anywhere:
         # what _on_signal and close() need exists first, and the signal is recorded
         self._close_lock = threading.Lock()
@@ -298,7 +301,10 @@ class Guard(Reporting):
         except Exception as exc:
             self._guard_failed(exc, "the dynamics detectors", may_halt=False)
         self._each("at the check", "at_check", may_halt=False)
-        table = agreement.gather(self._fingerprint(), self.group)
+        row = self._fingerprint()
+        entered = time.perf_counter()
+        table = agreement.gather(row, self.group)
+        self.collective_seconds += time.perf_counter() - entered
         for alert in self._reported.new(agreement.compare(self.at, table, self._compared)):
             self._raise_once(alert)
         rows = table.tolist()
