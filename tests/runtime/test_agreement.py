@@ -159,6 +159,7 @@ def _integrity(world: int, pids: list[int]) -> tuple[GuardIntegrity, list[Alert]
     check._named = set()
     check._rows = 0
     check._rng_moves = deque(maxlen=2)
+    check._restored, check._steps = False, None
     return check, said
 
 

@@ -137,6 +137,23 @@ def test_twist_is_the_one_torch_python_and_numpy_run():
     assert np.array_equal(legacy.get_state()[1], mt.twist(start))
 
 
+def test_twist_follows_pythons_random_for_many_twists_and_row_by_row_in_a_stack():
+    r = random.Random(12345)
+    state = python_state(r.getstate()[1])
+    assert isinstance(state, MTState)
+    words_now = state.words
+    for k in range(40):
+        r.getrandbits(32 * 624)  # one twist's worth of words
+        words_now = mt.twist(words_now)
+        after = python_state(r.getstate()[1])
+        assert isinstance(after, MTState)
+        assert np.array_equal(words_now, after.words), k
+    stack = np.stack([mt.init_genrand(s) for s in (1, 2, 2**40 + 3)])
+    twisted = mt.twist(stack)
+    for row, seed in zip(twisted, (1, 2, 2**40 + 3), strict=True):
+        assert np.array_equal(row, mt.twist(mt.init_genrand(seed)))
+
+
 def test_untwist_and_seed_recognition_invert_the_twist():
     state = mt.init_genrand(2**40 + 9)  # torch seeds its twister with the low 32 bits
     assert mt.seed_candidate(state) == 9
@@ -357,6 +374,23 @@ def test_judge_says_which():
     other = MTState(mt.twist(mt.init_genrand(6)), 9, 5)
     assert judge_mt(later, other, 8, seeded=False).kind == "forged"
     assert judge_mt(later, other, 8, seeded=True).kind == "forged"
+
+
+def test_judge_counts_the_twists_of_each_search():
+    """The forward, re-seeding and backward searches run together (one stack of arrays):
+    each answer is the one its own search gives."""
+    seeded = MTState(mt.init_genrand(11), 624, 11)
+    states = [seeded]
+    for _ in range(12):
+        states.append(MTState(mt.twist(states[-1].words), 5, 11))
+    assert judge_mt(states[2], states[9], 16).twists == 7
+    assert judge_mt(states[2], states[9], 6).kind == "unchecked"
+    back = judge_mt(states[9], states[6], 16, seeded=False)
+    assert (back.kind, back.detail) == ("backwards", "set back by 3 twists (about 1872 draws)")
+    again = judge_mt(states[9], states[5], 16, seeded=True)
+    assert (again.kind, again.twists) == ("reseeded", 5)
+    assert judge_mt(states[9], states[5], 16, thorough=False).kind == "unchecked"
+    assert judge_mt(states[9], states[5], 3, seeded=False).kind == "unchecked"
 
 
 def test_philox_offsets_only_grow():

@@ -8,11 +8,14 @@ this state: 624 32-bit words and the index of the next word to temper and output
 Twist (Matsumoto and Nishimura, 1998): for ``i`` in ``0..623`` in order,
 ``y = upper bit of x[i] | lower 31 bits of x[i+1]`` and
 ``x[i] = x[i+397] ^ (y >> 1) ^ (MATRIX_A if y is odd)``, indices mod 624, updating in
-place: from ``i = 227`` on, ``x[i+397]`` is a word already rewritten in this twist. The
-loop is therefore cut into four runs whose right-hand sides are all known beforehand.
+place: from ``i = 227`` on, ``x[i+397]`` is a word already rewritten in this twist. Every
+``y`` but the last reads words not yet rewritten, so all of them are computed at once;
+the ``x[i+397]`` side is cut into runs of 227 whose words are all known beforehand.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -24,13 +27,9 @@ LOWER = np.uint32(0x7FFFFFFF)
 _INIT_MULT = 1812433253
 #: the inverse of ``_INIT_MULT`` modulo 2**32 (it is odd)
 _INIT_MULT_INV = pow(_INIT_MULT, -1, 2**32)
-#: (rewritten words, the words 397 further on they read): from word 227 on, the words
-#: read wrap around to ones this twist has already rewritten
-_RUNS = (
-    (slice(0, N - M), slice(M, N), slice(1, N - M + 1)),
-    (slice(N - M, 2 * (N - M)), slice(0, N - M), slice(N - M + 1, 2 * (N - M) + 1)),
-    (slice(2 * (N - M), N - 1), slice(N - M, M - 1), slice(2 * (N - M) + 1, N)),
-)
+#: the words rewritten in one run: each run reads the ones 397 further on (mod 624),
+#: which from word 227 on are the previous run's output
+_RUN = N - M
 _ONE = np.uint32(1)
 _STEPS = np.arange(2, N, dtype=np.uint64)
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -41,12 +40,17 @@ _SHIFT30 = np.uint32(30)
 def twist(x: np.ndarray) -> np.ndarray:
     """The state array after one twist (a new array; ``x`` is ``uint32[..., 624]``, and
     rows of a 2-D array twist independently)."""
-    out = x.copy()
-    for here, far, following in _RUNS:
-        y = (out[..., here] & UPPER) | (out[..., following] & LOWER)
-        out[..., here] = out[..., far] ^ (y >> _ONE) ^ ((y & _ONE) * MATRIX_A)
-    y = (out[..., N - 1] & UPPER) | (out[..., 0] & LOWER)
-    out[..., N - 1] = out[..., M - 1] ^ (y >> _ONE) ^ ((y & _ONE) * MATRIX_A)
+    y = (x[..., : N - 1] & UPPER) | (x[..., 1:] & LOWER)
+    mixed = (y >> _ONE) ^ ((y & _ONE) * MATRIX_A)
+    out = np.empty_like(x)
+    np.bitwise_xor(x[..., M:], mixed[..., :_RUN], out=out[..., :_RUN])
+    np.bitwise_xor(out[..., :_RUN], mixed[..., _RUN : 2 * _RUN], out=out[..., _RUN : 2 * _RUN])
+    np.bitwise_xor(
+        out[..., _RUN : N - 1 - _RUN], mixed[..., 2 * _RUN :], out=out[..., 2 * _RUN : N - 1]
+    )
+    # the last word's y reads word 0, already rewritten
+    last = (x[..., N - 1] & UPPER) | (out[..., 0] & LOWER)
+    out[..., N - 1] = out[..., M - 1] ^ (last >> _ONE) ^ ((last & _ONE) * MATRIX_A)
     return out
 
 
@@ -75,12 +79,19 @@ def untwist(x: np.ndarray) -> np.ndarray:
 def init_genrand(seed: int) -> np.ndarray:
     """The untwisted array ``init_genrand(seed & 0xffffffff)`` writes (what
     ``torch.manual_seed`` and ``numpy.random.seed(int)`` set)."""
+    return _init_genrand(seed & 0xFFFFFFFF).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _init_genrand(seed: int) -> np.ndarray:
+    # a Python loop of 623 steps: the seeds a job uses are few, and asked for at each check
     out = np.empty(N, dtype=np.uint32)
     value = seed & 0xFFFFFFFF
     out[0] = value
     for i in range(1, N):
         value = (_INIT_MULT * (value ^ (value >> 30)) + i) & 0xFFFFFFFF
         out[i] = value
+    out.flags.writeable = False  # shared by every caller: each gets a copy
     return out
 
 

@@ -10,6 +10,7 @@ state none of them explains within it is "unchecked", never a finding.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Collection
@@ -42,8 +43,9 @@ class MTState:
     #: the seed the state records (torch's), None where it records none
     seed: int | None
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
+        # asked for several times a check (the rewind list, the baseline): computed once
         head = struct.pack("<qq", self.pos, -1 if self.seed is None else self.seed)
         return hashlib.blake2b(head + self.words.tobytes(), digest_size=16).digest()
 
@@ -110,23 +112,54 @@ class Verdict:
 def forward(base: MTState, now: MTState, budget: int) -> int | None:
     """How many twists take ``base`` to ``now`` (0: the same array read further), or
     None if none within ``budget``."""
-    if np.array_equal(base.words, now.words):
-        return 0 if now.pos >= base.pos else None
-    words = base.words
-    first = now.words[0]
+    return forwards([(base, now)], budget)[0]
+
+
+def forwards(
+    pairs: list[tuple[MTState, MTState]], budget: int, decisive: bool = False
+) -> list[int | None]:
+    """:func:`forward` of each (base, now) pair. The arrays are twisted together, as rows
+    of one stack: a twist of a few rows costs little more than a twist of one. With
+    ``decisive``, the search stops once the first pair's answer is found (the others'
+    are then not used, and left None)."""
+    found: list[int | None] = [None] * len(pairs)
+    rows = []
+    for i, (base, now) in enumerate(pairs):
+        if np.array_equal(base.words, now.words):
+            found[i] = 0 if now.pos >= base.pos else None
+        else:
+            rows.append(i)
+    if not rows or budget <= 0 or (decisive and found[0] is not None):
+        return found
+    words = np.stack([pairs[i][0].words for i in rows])
+    targets = np.stack([pairs[i][1].words for i in rows])
+    firsts = targets[:, 0].tolist()
+    open_rows = list(range(len(rows)))
     for k in range(1, budget + 1):
         words = mt.twist(words)
-        if words[0] == first and np.array_equal(words, now.words):
-            return k
-    return None
+        leading = words[:, 0].tolist()
+        for j in list(open_rows):
+            if leading[j] == firsts[j] and np.array_equal(words[j], targets[j]):
+                open_rows.remove(j)
+                found[rows[j]] = k
+        if not open_rows or (decisive and found[0] is not None):
+            break
+    return found
 
 
-def seeding_behind(now: MTState, budget: int, hint: int | None = None) -> tuple[int, int] | None:
+def _seeded(seed: int) -> MTState:
+    return MTState(mt.init_genrand(seed), mt.N, seed)
+
+
+def seeding_behind(
+    now: MTState, budget: int, hint: int | None = None, hinted: list[int | None] | None = None
+) -> tuple[int, int] | None:
     """(seed, twists) when ``now`` is ``init_genrand(seed)`` twisted at most ``budget``
     times: ``hint`` (the seed the state records) is tried over the whole budget; any
-    other seed is found by untwisting, over at most ``_UNTWISTS`` twists."""
+    other seed is found by untwisting, over at most ``_UNTWISTS`` twists. ``hinted``:
+    that first search's answer (``forward(_seeded(hint), now, budget)``), already found."""
     if hint is not None:
-        k = forward(MTState(mt.init_genrand(hint), mt.N, hint), now, budget)
+        k = forward(_seeded(hint), now, budget) if hinted is None else hinted[0]
         if k is not None:
             return hint & 0xFFFFFFFF, k
     words = now.words
@@ -165,15 +198,27 @@ def judge_mt(
     that call. ``thorough`` False (a generator known to outrun the budget) skips the
     searches that only explain an anomaly."""
     same_seed = base.seed is None or now.seed == base.seed
+    hinted: list[int | None] | None = None
+    behind: int | None = None
     if same_seed:
-        k = forward(base, now, budget)
+        # the searches below that the verdict may need, twisted together with this one
+        # (they are not needed, and stopped, once it is found)
+        pairs = [(base, now)]
+        if thorough:
+            if now.seed is not None:
+                pairs.append((_seeded(now.seed), now))
+            pairs.append((now, base))
+        ks = forwards(pairs, budget, decisive=True)
+        k = ks[0]
         if k is not None:
             return Verdict("forward", twists=k)
         if not thorough:
             return _cheap_backwards(base, now, recent) or Verdict(
                 "unchecked", f"advanced more than {budget} twists between checks"
             )
-    found = seeding_behind(now, budget, now.seed)
+        hinted = [ks[1]] if now.seed is not None else None
+        behind = ks[-1]
+    found = seeding_behind(now, budget, now.seed, hinted)
     if found is not None:
         seed, k = found
         if now.seed is not None and seed != now.seed & 0xFFFFFFFF:
@@ -189,9 +234,8 @@ def judge_mt(
         cheap = _cheap_backwards(base, now, recent)
         if cheap is not None:
             return cheap
-        k = forward(now, base, budget)
-        if k is not None:
-            return Verdict("backwards", f"set back by {k} twists (about {k * 624} draws)")
+        if behind is not None:
+            return Verdict("backwards", f"set back by {behind} twists (about {behind * 624} draws)")
         return Verdict(
             "unchecked",
             f"advanced more than {budget} twists between checks, or re-seeded with a seed "

@@ -125,6 +125,8 @@ class ModelState:
         self.on_fault: Callable[[str, BaseException], None] = lambda where, exc: None
         self.baseline = settings(model)
         self._changes: list[tuple[str, Attribution]] = []
+        #: the settings as changes() last read them, for digests() at the same check
+        self._read: dict[Key, Any] | None = None
         self._seen_trusted: set[tuple[Key, str]] = set()
         self._ids = [id(m) for m in model.modules()]
         with _LOCK:
@@ -169,7 +171,7 @@ class ModelState:
         around Module.__setattr__ are unknown (nobody could be seen doing it)."""
         pending, self._changes = self._changes, []
         yield from pending
-        now = settings(self.model)
+        now = self._read = settings(self.model)
         if now != self.baseline:
             for key in sorted(set(now) | set(self.baseline)):
                 was, is_ = self.baseline.get(key, "<unset>"), now.get(key, "<unset>")
@@ -183,8 +185,10 @@ class ModelState:
             self.baseline = now
 
     def digests(self) -> tuple[int, int]:
-        """(modes, attributes) of the model as it is now."""
-        return settings_digests(settings(self.model))
+        """(modes, attributes) of the model as it is now (as :meth:`changes` read it at
+        this check: one walk of the model per check)."""
+        now, self._read = self._read, None
+        return settings_digests(now if now is not None else settings(self.model))
 
     # --- buffers ---------------------------------------------------------------------
 

@@ -65,11 +65,12 @@ from trainguard.runtime._rng_states import (
 from trainguard.runtime.fields import RNG_ALTERED
 from trainguard.runtime.interface import Alert, BaseDetector, Context
 
-#: twists searched per generator and check. One twist is about 20 us on the reference
-#: machine: a clean check of a generator that moved stays within about 2 ms
 #: twists searched per check for a generator that outran the full budget before
 HEAVY_BUDGET = 8
-#: (``python -m benchmarks.rng_cost``); 96 twists are 59,904 32-bit draws
+#: twists searched per generator and check; 96 twists are 59,904 32-bit draws. One twist
+#: is about 10 us on the reference machine, and the searches a verdict may need twist
+#: together (``_rng_states.forwards``): a generator that outruns the budget costs about
+#: 2 ms at the check where it first does (``python -m benchmarks.rng_cost``)
 DEFAULT_BUDGET = 96
 #: the share of optimizer steps whose torch generator states are sampled, drawn under
 #: the shared key so that code without it cannot keep its rewinds between samples

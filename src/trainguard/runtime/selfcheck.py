@@ -116,6 +116,15 @@ class GuardIntegrity(BaseDetector):
         #: per check, which ranks' torch generators moved since the one before (two ranks)
         self._rng_moves: deque[list[bool]] = deque(maxlen=_STEADY + 1)
         self._rows = 0  # rows this rank built: a fresh row has a higher count
+        self._restored = False  # reset() since the last check
+        self._steps: int | None = None  # the guard's step count at the last check
+
+    def reset(self) -> None:
+        # a declared rollback or a restore: replaying the same steps draws the same random
+        # numbers and reaches the same parameters again, so what must move is not compared
+        # at the next check when the guard's step count did not pass the last check's (a
+        # reset() called by other code, with no step count set back, silences nothing)
+        self._restored = True
 
     def bind(self, guard: Any, names: Iterable[str], detectors: list[Any]) -> None:
         self.bound = bind(guard, names)
@@ -140,6 +149,9 @@ class GuardIntegrity(BaseDetector):
 
     def compare(self, rows: list[list[int]]) -> None:
         previous, self._previous = self._previous, rows
+        steps, last = self.ctx.steps(), self._steps
+        replayed = self._restored and last is not None and steps <= last
+        self._restored, self._steps = False, steps
         failed = fields.GUARD_FAILED
         index = fields.INDEX
         for rank, row in enumerate(rows):
@@ -166,7 +178,7 @@ class GuardIntegrity(BaseDetector):
                     f"rank {rank} sent a row from the past (its count of rows did not move "
                     "since the last check)",
                 )
-        if previous is not None and len(previous) == len(rows) and len(rows) > 1:
+        if previous is not None and len(previous) == len(rows) and len(rows) > 1 and not replayed:
             self._frozen(previous, rows)
             if len(rows) == 2:
                 self._stopped(previous, rows)
