@@ -9,8 +9,9 @@ from collections import deque
 import pytest
 import torch
 
+from tests.runtime.contexts import detector_context
 from trainguard.runtime import agreement, fields
-from trainguard.runtime.interface import Alert, Context
+from trainguard.runtime.interface import Alert
 from trainguard.runtime.selfcheck import GuardIntegrity
 
 P, F = "params", "flags"
@@ -128,28 +129,12 @@ def test_a_reported_divergence_is_not_reported_again():
 def _integrity(world: int, pids: list[int]) -> tuple[GuardIntegrity, list[Alert]]:
     said: list[Alert] = []
 
-    def nothing(*args: object) -> None:
-        return None
-
-    ctx = Context(
-        model=None,
-        optimizer=None,
-        params=[],
-        rank=0,
+    ctx = detector_context(
         world=world,
-        group=None,
-        device=torch.device("cpu"),
         at=lambda: 7,
         steps=lambda: 7,
         alert=lambda alert, flag: said.append(alert),
         alert_once=said.append,
-        record=nothing,
-        fault=nothing,
-        event=nothing,
-        attributed=nothing,
-        flag=nothing,
-        provenance=None,
-        comm=None,
     )
     check = GuardIntegrity.__new__(GuardIntegrity)
     check.ctx = ctx

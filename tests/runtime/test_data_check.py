@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from tests.runtime.contexts import detector_context
 from tests.runtime.data_worker import AT, EVERY
 from tests.runtime.test_guard_distributed import start_ranks
 from trainguard.runtime import fields
@@ -85,25 +86,14 @@ def context(loader: Any = None, rank: int = 0, world: int = 1) -> tuple[Context,
     def flag(bit: int) -> None:
         seen["flags"] |= bit
 
-    ctx = Context(
-        model=None,
-        optimizer=None,
-        params=[],
+    ctx = detector_context(
         rank=rank,
         world=world,
-        group=None,
-        device=torch.device("cpu"),
-        at=lambda: 0,
-        steps=lambda: 0,
         alert=alert,
         alert_once=seen["once"].append,
         record=seen["records"].append,
         fault=lambda where, exc: seen["faults"].append((where, exc)),
-        event=lambda e, f: None,
-        attributed=lambda *a: None,
         flag=flag,
-        provenance=None,
-        comm=None,
         options={"loader": loader, "seed": 0},
     )
     return ctx, seen

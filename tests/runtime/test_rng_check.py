@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainguard
+from tests.runtime.contexts import detector_context
 from tests.runtime.test_guard_distributed import alerts, finish, start_ranks
 from trainguard.runtime import _mt19937 as mt
 from trainguard.runtime._rng_states import (
@@ -29,7 +30,6 @@ from trainguard.runtime._rng_states import (
     torch_state,
 )
 from trainguard.runtime.fields import RNG_ALTERED
-from trainguard.runtime.interface import Context
 from trainguard.runtime.rng_check import RngCheck
 from trainguard.runtime.sensors import SeedWatch
 
@@ -60,14 +60,7 @@ class Job:
         self.alerts: list = []
         self.records: list = []
         self.events: list = []
-        self.ctx = Context(
-            model=None,
-            optimizer=None,
-            params=[],
-            rank=0,
-            world=1,
-            group=None,
-            device=torch.device("cpu"),
+        self.ctx = detector_context(
             at=lambda: self.step,
             steps=lambda: self.step,
             alert=lambda alert, flag: self.alerts.append((alert, flag)),
@@ -75,10 +68,6 @@ class Job:
             record=self.records.append,
             fault=lambda where, exc: (_ for _ in ()).throw(exc),
             event=self._event,
-            attributed=lambda detector, change, by: None,
-            flag=lambda flag: None,
-            provenance=None,
-            comm=None,
             shared_key=b"k" * 32,
             options={"loader": loader, "seed": 0},
             events=lambda: self.events,

@@ -10,40 +10,20 @@ entry runs the same case end to end with real gloo ranks.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
+from tests.runtime.contexts import detector_context
 from trainguard.runtime import fields
-from trainguard.runtime.interface import Alert, Context
+from trainguard.runtime.interface import Alert
 from trainguard.runtime.selfcheck import GuardIntegrity
 
 EVERY = 4
 
 
 def integrity(clock: list[int], found: list[Alert]) -> GuardIntegrity:
-    def ignore(*args: Any) -> None:
-        return None
-
-    ctx = Context(
-        model=None,
-        optimizer=None,
-        params=[],
-        rank=0,
+    ctx = detector_context(
         world=2,
-        group=None,
-        device=torch.device("cpu"),
         at=lambda: clock[0],
         steps=lambda: clock[0],
-        alert=ignore,
         alert_once=found.append,
-        record=ignore,
-        fault=ignore,
-        event=ignore,
-        attributed=ignore,
-        flag=ignore,
-        provenance=None,
-        comm=None,
         shared_key=b"k" * 32,
     )
     return GuardIntegrity(ctx, object(), [])
