@@ -253,3 +253,25 @@ def test_two_ranks_a_peers_entry_cut_mid_run_is_found(tmp_path, owner):
     assert any("which rank 1 wrote" in p["message"] for p in found)
     assert any("rank 1 (pid" in p["message"] for p in found)
     assert main(["ledger", "verify", str(run_dir)]) == EXIT_FINDINGS
+
+
+def test_each_check_records_one_digest_of_every_ranks_data_commitment(tmp_path, owner):
+    """The data detector's commitments ride in the check's one ``ledger.tail`` entry."""
+    run_dir = tmp_path / "run"
+    model, optimizer, guard = guarded(run_dir, owner[0])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        x = torch.randn(16, 8, generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x), x[:, :1])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        guard.step(loss=loss, batch=x)
+    guard.close()
+    tails = [e.payload for e in read_entries(run_dir)[0] if e.kind == "ledger.tail"]
+    assert len(tails) == 2
+    assert all(len(t["data"]) == 32 for t in tails)
+    assert tails[0]["data"] != tails[1]["data"], "the commitment moves with every batch"
+    events = [e.payload.get("event") for e in read_entries(run_dir)[0]]
+    assert "data-commitment" not in events, "no entry of its own at each check"
+    assert "data-commitments" in events, "each rank's, once, at close"

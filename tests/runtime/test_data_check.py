@@ -170,7 +170,7 @@ def test_a_loader_refilling_one_buffer_loses_that_interval_and_never_alerts():
     assert [a for a, _ in first[1:]] == [b for _, b in first[1:]], "then digested at each step"
 
 
-def test_commitments_are_recorded_each_check_by_rank_0_and_each_ranks_at_close():
+def test_each_ranks_commitments_are_recorded_at_close():
     ctx, seen = context(world=2)
     check = DataCheck(ctx)
     for step in range(3):
@@ -180,9 +180,6 @@ def test_commitments_are_recorded_each_check_by_rank_0_and_each_ranks_at_close()
     check.observe(None, torch.arange(50))  # after the last check: in the final commitment
     last = check.commitment
     check.close()
-    per_check = [e for e in seen["records"] if e["event"] == "data-commitment"]
-    assert len(per_check) == 3
-    assert len({e["ranks_commitment"] for e in per_check}) == 3
     (final,) = [e for e in seen["records"] if e["event"] == "data-commitments"]
     assert final["rank"] == 0
     assert [c for _, c in final["checks"]][-1] == f"{last:016x}"

@@ -23,7 +23,6 @@ there (one storage at two steps), and that interval's batches are recorded as un
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 from collections import deque
@@ -291,7 +290,6 @@ class DataCheck(BaseDetector):
     def compare(self, rows: list[list[int]]) -> None:
         index = fields.INDEX
         column = {name: [row[index[name]] for row in rows] for name in fields.FIELDS}
-        self._record_commitments(column["data_commit"])
         known = [r for r, row in enumerate(rows) if not row[index["flags"]] & fields.GUARD_FAILED]
         if len(known) < 2 or len(known) < len(rows):
             return  # a rank's values unknown: nothing to compare them with
@@ -299,22 +297,6 @@ class DataCheck(BaseDetector):
         self._compare_settings(column, flagged)
         self._compare_digests(column, flagged)
         self._compare_losses([bits_float(b) for b in column["data_loss"]], flagged)
-
-    def _record_commitments(self, commits: list[int]) -> None:
-        """Rank 0 records one digest of every rank's commitment per check (its size does not
-        grow with the ranks); each rank writes its own commitments at close."""
-        if self.ctx.rank != 0 or not any(commits):
-            return
-        combined = hashlib.blake2b(repr(commits).encode(), digest_size=16).hexdigest()
-        self.ctx.record(
-            {
-                "step": self.ctx.at(),
-                "rank": None,
-                "event": "data-commitment",
-                "detail": f"check {len(self.commitments)}",
-                "ranks_commitment": combined,
-            }
-        )
 
     def _once(self, key: tuple[Any, ...], alert: Alert) -> None:
         if key not in self.reported:

@@ -7,12 +7,16 @@ reach is each rank's memory of what it wrote (kept by its :class:`Ledger`: the
 the end went back). Every check carries that memory in three fields of the fingerprint
 row; rank 0 records the values that changed in one ``ledger.tail`` entry, and each
 rank's closing entry carries its own (how many entries it wrote, its first and last).
+The same entry carries one digest of every rank's data commitment at the check (``data``,
+its size independent of the ranks), for replay: one entry per check, written off the
+training thread.
 ``trainguard ledger verify`` checks them: a recorded (seq, hash) proves that entry
 existed, a count proves how many a rank wrote. See docs/ledger.md, "The tail".
 """
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from typing import TYPE_CHECKING, Any
@@ -115,14 +119,20 @@ class TailRecord:
                 continue
             self.recorded[rank] = value
             tails.append([rank, value[0], bits_hash(value[1]), *([value[2]] if value[2] else [])])
-        return {"step": step, "tails": tails}
+        out: dict[str, Any] = {"step": step, "tails": tails}
+        commits = [row[index["data_commit"]] for row in rows]
+        if any(commits):
+            # one digest of every rank's data commitment (data_check.py), whatever the ranks
+            digest = hashlib.blake2b(repr(commits).encode(), digest_size=16).hexdigest()
+            out["data"] = digest
+        return out
 
     def at_check(self, guard: Guard, rows: list[list[int]], index: dict[str, int]) -> None:
         """After the check's collective (``rows``: every rank's fingerprint row)."""
         ledger = guard.ledger
         if guard.rank == 0:
             payload = self.payload(guard.at, rows, index)
-            if payload["tails"]:
+            if payload["tails"] or "data" in payload:
                 self._write(guard, payload)
         cut = getattr(ledger, "cut_from", None)
         if cut is None or self.cut_reported:
