@@ -62,7 +62,10 @@ class Run:
 
     def weights(self, rank: int) -> dict[str, torch.Tensor] | None:
         path = self.weight_files[rank]
-        return torch.load(path, weights_only=True) if path.exists() else None
+        try:
+            return torch.load(path, weights_only=True) if path.exists() else None
+        except (OSError, RuntimeError, EOFError):  # a rank ended while writing them
+            return None
 
     def mean_step_time(self) -> float | None:
         times = [r["step_times"] for r in self.results if r and r["step_times"]]

@@ -363,7 +363,10 @@ def train(
                 (run_dir / f"alerts-rank{rank}.json").write_text(json.dumps(alerts, indent=1))
     result["val_loss"] = _evaluate(model, val_set, cfg, device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, run_dir / f"weights-rank{rank}.pt")
+    # written whole or not at all: torchrun may end this rank mid-write (a peer died)
+    partial = run_dir / f"weights-rank{rank}.pt.partial"
+    torch.save(state, partial)
+    os.replace(partial, run_dir / f"weights-rank{rank}.pt")
     (run_dir / f"result-rank{rank}.json").write_text(json.dumps(result, indent=1))
     return result
 
