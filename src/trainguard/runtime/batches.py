@@ -26,6 +26,7 @@ __all__ = [
     "digest",
     "holdable",
     "leaves",
+    "sample_leaves",
 ]
 
 #: at most this many bytes of each tensor of a batch are digested
@@ -102,6 +103,11 @@ def batch_sample(batch: Any, copy: bool = True) -> Sampled | None:
     found: list[tuple[str, torch.Tensor]] = []
     if not leaves(batch, "", found, 0) or not found:
         return None
+    return sample_leaves(found, copy)
+
+
+def sample_leaves(found: list[tuple[str, torch.Tensor]], copy: bool = True) -> Sampled:
+    """:func:`batch_sample` of a batch whose tensors :func:`leaves` has found."""
     samples: list[torch.Tensor | bytes] = []
     on_device: torch.Tensor | None = None
     for index, (_, tensor) in enumerate(found):

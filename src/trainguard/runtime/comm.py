@@ -252,8 +252,12 @@ class CommTimer:
         if sum(r.numel for r in results) != sum(g.numel() for g in grads):
             return None  # some gradients were reduced out of sight: unchecked
         used = torch.zeros(3, dtype=torch.float64, device=total.device)
+        groups: dict[tuple[Any, Any], list[Any]] = {}
         for grad in grads:
-            used += moments(grad).to(used.device)
+            groups.setdefault((grad.device, grad.dtype), []).append(grad.detach().reshape(-1))
+        for flats in groups.values():
+            # one concatenation per device and dtype: a few ops, not a few per gradient
+            used += moments(torch.cat(flats) if len(flats) > 1 else flats[0]).to(used.device)
         step.used = used
         (r_sum, r_abs, r_sq), (u_sum, u_abs, u_sq) = total.tolist(), used.tolist()
         if r_abs == 0.0:

@@ -34,7 +34,7 @@ import torch
 
 from trainguard.errors import Severity
 from trainguard.runtime import batches, fields
-from trainguard.runtime.batches import Sampled, batch_sample, holdable, leaves
+from trainguard.runtime.batches import Sampled, batch_sample, holdable, leaves, sample_leaves
 from trainguard.runtime.fingerprint import bits_float, float_bits, text_hash
 from trainguard.runtime.interface import Alert, BaseDetector, Context, StepInfo
 from trainguard.runtime.sampler import SamplerWatch
@@ -211,9 +211,11 @@ class DataCheck(BaseDetector):
         if not held:
             return
         owner: dict[int, int] = {}
+        walked: list[tuple[Any, list[tuple[str, torch.Tensor]] | None]] = []
         for index, batch in enumerate(held):
             found: list[tuple[str, torch.Tensor]] = []
-            leaves(batch, "", found, 0)
+            known = leaves(batch, "", found, 0) and bool(found)
+            walked.append((batch, found if known else None))
             for _, tensor in found:
                 pointer = tensor.untyped_storage().data_ptr()
                 if pointer and owner.setdefault(pointer, index) != index:
@@ -223,8 +225,8 @@ class DataCheck(BaseDetector):
                         "digested; from now on each batch is digested at its step"
                     )
                     return
-        for batch in held:
-            sampled = batch_sample(batch, copy=False)
+        for batch, tensors in walked:
+            sampled = None if tensors is None else sample_leaves(tensors, copy=False)
             self._take(batch, None if sampled is None else batches.digest(sampled))
         if not holdable(held):
             self._hold = False

@@ -41,7 +41,7 @@ from trainguard.errors import Severity
 from trainguard.runtime import fields
 from trainguard.runtime.comm import StepGrads
 from trainguard.runtime.fingerprint import bits_float, float_bits
-from trainguard.runtime.interface import Alert, BaseDetector, Context
+from trainguard.runtime.interface import Alert, BaseDetector, Coins, Context
 
 NAME = "gradients"
 #: the share of steps sampled besides the check steps. A sampled step costs one pass over
@@ -110,8 +110,7 @@ class GradCheck(BaseDetector):
 
     def __init__(self, ctx: Context, rate: float = DEFAULT_RATE) -> None:
         self.ctx = ctx
-        self._threshold = min(2**64 - 1, int(rate * 2**64))
-        self._drawn: tuple[int, bool] = (-1, False)
+        self._coins = Coins(b"grads", rate)
         self._interval = _Interval()
         self.history = History()
         comm = ctx.comm
@@ -125,20 +124,16 @@ class GradCheck(BaseDetector):
     @property
     def rate(self) -> float:
         """The share of steps sampled besides the check steps."""
-        return self._threshold / 2**64
+        return self._coins.threshold / 65536
 
     @rate.setter
     def rate(self, value: float) -> None:
-        self._threshold = min(2**64 - 1, int(value * 2**64))
-        self._drawn = (-1, False)
+        self._coins = Coins(b"grads", value)
 
     def _chosen(self, n: int) -> bool:
         """Whether the gradients of step ``n`` are sampled: a keyed draw, the same on every
         rank (the key is shared), unpredictable to the job's code."""
-        if self._drawn[0] != n:
-            chosen = _draw(self.ctx.shared_key, b"grads", n) < self._threshold
-            self._drawn = (n, chosen)
-        return self._drawn[1]
+        return self._coins(self.ctx.shared_key, n)
 
     def _offset(self, numel: int, stride: int) -> int:
         what = b"offset" + numel.to_bytes(8, "little")

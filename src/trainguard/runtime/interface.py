@@ -73,17 +73,18 @@ class Coins:
         self.what = what
         self.threshold = round(rate * 65536)
         self._block = -1
+        self._key = b""
         self._coins: tuple[int, ...] = ()
 
     def __call__(self, key: bytes, n: int) -> bool:
         if self.threshold >= 65536:
             return True
         block, at = divmod(n, 32)
-        if block != self._block:
+        if block != self._block or key is not self._key:
             data = self.what + block.to_bytes(8, "little", signed=True)
             digest = hashlib.blake2b(data, key=key[:64], digest_size=64).digest()
             self._coins = struct.unpack("<32H", digest)
-            self._block = block
+            self._block, self._key = block, key
         return self._coins[at] < self.threshold
 
 
