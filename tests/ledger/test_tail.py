@@ -40,7 +40,7 @@ def guarded(run_dir: Path, key: Path, **options):
     return model, optimizer, guard
 
 
-def train(model, optimizer, guard, steps):
+def train(model, optimizer, guard, steps, batches=False):
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(16, 8, generator=gen)
@@ -48,7 +48,7 @@ def train(model, optimizer, guard, steps):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        guard.step(loss=loss)
+        guard.step(loss=loss, batch=x if batches else None)
 
 
 def kinds(run_dir: Path) -> list[tuple[int, str]]:
@@ -259,14 +259,7 @@ def test_each_check_records_one_digest_of_every_ranks_data_commitment(tmp_path, 
     """The data detector's commitments ride in the check's one ``ledger.tail`` entry."""
     run_dir = tmp_path / "run"
     model, optimizer, guard = guarded(run_dir, owner[0])
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        x = torch.randn(16, 8, generator=gen)
-        loss = torch.nn.functional.mse_loss(model(x), x[:, :1])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        guard.step(loss=loss, batch=x)
+    train(model, optimizer, guard, 10, batches=True)
     guard.close()
     tails = [e.payload for e in read_entries(run_dir)[0] if e.kind == "ledger.tail"]
     assert len(tails) == 2

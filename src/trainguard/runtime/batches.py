@@ -27,6 +27,7 @@ __all__ = [
     "holdable",
     "leaves",
     "sample_leaves",
+    "small",
 ]
 
 #: at most this many bytes of each tensor of a batch are digested
@@ -149,6 +150,11 @@ def holdable(batches: list[Any]) -> bool:
         found: list[tuple[str, torch.Tensor]] = []
         if not leaves(batch, "", found, 0) or not found:
             return False
-        if any(not t.is_cpu for _, t in found) or sum(t.nbytes for _, t in found) > HOLD_BYTES:
+        if not small(found):
             return False
     return True
+
+
+def small(found: list[tuple[str, torch.Tensor]]) -> bool:
+    """Whether a batch's tensors are all on the CPU and HOLD_BYTES or fewer together."""
+    return all(t.is_cpu for _, t in found) and sum(t.nbytes for _, t in found) <= HOLD_BYTES

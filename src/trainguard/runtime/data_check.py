@@ -34,7 +34,14 @@ import torch
 
 from trainguard.errors import Severity
 from trainguard.runtime import batches, fields
-from trainguard.runtime.batches import Sampled, batch_sample, holdable, leaves, sample_leaves
+from trainguard.runtime.batches import (
+    Sampled,
+    batch_sample,
+    holdable,
+    leaves,
+    sample_leaves,
+    small,
+)
 from trainguard.runtime.fingerprint import bits_float, float_bits, text_hash
 from trainguard.runtime.interface import Alert, BaseDetector, Context, StepInfo
 from trainguard.runtime.sampler import SamplerWatch
@@ -162,6 +169,8 @@ class DataCheck(BaseDetector):
     def observe(self, loss: Any, batch: Any) -> None:
         if batch is None:
             return
+        if self._hold is None:
+            self._hold = holdable([batch])
         if self._hold:
             # the batch itself, kept to the check: no per-step work (a container copied,
             # the job may refill its own)
@@ -172,11 +181,6 @@ class DataCheck(BaseDetector):
             if len(self.held) >= _HELD:
                 self._take_held()
             return
-        if self._hold is None:
-            self._hold = holdable([batch])
-            if self._hold:
-                self.observe(loss, batch)
-                return
         self._take(batch, batch_sample(batch))
         if len(self.pending) % _HELD == 0:
             # a long interval: what is held is digested now, so memory stays bounded
@@ -228,7 +232,7 @@ class DataCheck(BaseDetector):
         for batch, tensors in walked:
             sampled = None if tensors is None else sample_leaves(tensors, copy=False)
             self._take(batch, None if sampled is None else batches.digest(sampled))
-        if not holdable(held):
+        if any(tensors is None or not small(tensors) for _, tensors in walked):
             self._hold = False
 
     def on_step(self, info: StepInfo) -> Iterable[Alert]:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import _random
 import collections
-import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,7 +62,7 @@ from trainguard.runtime._rng_states import (
     torch_state,
 )
 from trainguard.runtime.fields import RNG_ALTERED
-from trainguard.runtime.interface import Alert, BaseDetector, Context
+from trainguard.runtime.interface import Alert, BaseDetector, Coins, Context
 
 #: twists searched per check for a generator that outran the full budget before
 HEAVY_BUDGET = 8
@@ -184,8 +183,7 @@ class RngCheck(BaseDetector):
         self._cuda = bool(found)
         self._samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=_MAX_SAMPLES)
         self._steps = ctx.steps()
-        self._coins = b""
-        self._coin_block = -1
+        self._coins = Coins(b"rng-sample", SAMPLE_RATE)
         self._events_seen = 0
         self._seeding_calls()  # the job's seeding before the guard started is set-up
         self._baseline()
@@ -244,14 +242,7 @@ class RngCheck(BaseDetector):
     # --- between checks ----------------------------------------------------------
 
     def _sampled(self, step: int) -> bool:
-        block, at = divmod(step, 64)
-        if block != self._coin_block:
-            key = self.ctx.shared_key[:64]
-            self._coins = hashlib.blake2b(
-                b"rng-sample" + block.to_bytes(8, "little"), key=key, digest_size=64
-            ).digest()
-            self._coin_block = block
-        return self._coins[at] < int(256 * SAMPLE_RATE)
+        return self._coins(self.ctx.shared_key, step)
 
     def after_step(self) -> None:
         if self._restored() or not self._sampled(self._steps):
