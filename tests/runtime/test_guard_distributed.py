@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.runtime.worker import AT, VICTIM
+from tests.runtime.worker import AFTER_CHECK, AT, CHECK_BEFORE_SAVE, VICTIM
 from trainguard.cli import main
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -143,6 +143,43 @@ def test_halt_stops_every_rank_at_the_same_check(tmp_path, owner_key):
     assert all(code != 0 for code in codes)
     for rank in (0, 1):
         assert any(a["rank"] == VICTIM for a in alerts(run_dir, rank))
+    assert closed(run_dir)
+
+
+def stopped(run_dir: Path, rank: int) -> tuple[int, str]:
+    step, kind = (run_dir / f"stopped-{rank}").read_text().split()
+    return int(step), kind
+
+
+def test_halt_comes_from_the_next_step_before_its_update(tmp_path, owner_key):
+    """A check's rows are compared when the next step begins: every rank halts there,
+    in optimizer.step, before the update."""
+    run_dir, codes = run("halt", tmp_path, owner_key)
+    assert all(code != 0 for code in codes)
+    ends = [stopped(run_dir, rank) for rank in (0, 1)]
+    assert ends[0] == ends[1]
+    step, kind = ends[0]
+    assert kind == "GuardHalt"
+    assert step % 5 == 0, "the step after a check"
+
+
+def test_an_alert_between_a_check_and_its_comparison_halts_every_rank_together(tmp_path, owner_key):
+    """A rank's own alert raised after a check's collective started and before its rows
+    are compared travels in the next check's row: the victim does not halt alone (its
+    peer would wait in DDP's next all-reduce until the process group times out)."""
+    run_dir, codes = run("halt-window", tmp_path, owner_key)
+    assert all(code != 0 for code in codes)
+    ends = [stopped(run_dir, rank) for rank in (0, 1)]
+    assert ends[0] == ends[1] == (AFTER_CHECK + 5, "GuardHalt")
+    assert any(a["rank"] == VICTIM for a in alerts(run_dir, VICTIM))
+    assert closed(run_dir)
+
+
+def test_no_checkpoint_is_signed_over_a_check_that_halts(tmp_path, owner_key):
+    run_dir, codes = run("halt-save", tmp_path, owner_key)
+    assert all(code != 0 for code in codes)
+    assert [stopped(run_dir, rank) for rank in (0, 1)] == [(CHECK_BEFORE_SAVE, "GuardHalt")] * 2
+    assert not list(run_dir.glob("after-check-*"))
     assert closed(run_dir)
 
 

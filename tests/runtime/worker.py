@@ -22,6 +22,10 @@ STEPS = 40
 AT = 12  # the step the interference starts at
 VICTIM = 1
 LR = 1e-2
+#: the first step after a check (checks every 5 steps: steps 4, 9, 14, ...)
+AFTER_CHECK = 15
+#: a check step after AT, at which halt-save saves a checkpoint
+CHECK_BEFORE_SAVE = 14
 
 
 def main() -> None:
@@ -55,7 +59,7 @@ def main() -> None:
         seed=0,
         verify_env=False,
         hang_timeout=3.0 if scenario == "hang" else 600.0,
-        policy="halt" if scenario == "halt" else "alert",
+        policy="halt" if scenario in ("halt", "halt-window", "halt-save") else "alert",
         # the one-off write must fall in a watched gap to be this rank's own evidence (at
         # the default, a keyed quarter of the gaps; otherwise "cannot tell" with two ranks)
         watch_rate=1.0 if scenario == "weights" else 0.25,
@@ -80,7 +84,12 @@ def main() -> None:
                 (open(os.path.join(run_dir, f"ready-{rank}"), "w")).close()
                 if rank == VICTIM:
                     time.sleep(30)  # killed (sigterm) or stuck (hang) here
+            if scenario == "halt-save" and step == CHECK_BEFORE_SAVE:
+                # right after a check whose rows call for a halt: never signed
+                guard.save_checkpoint(os.path.join(run_dir, f"after-check-{rank}.pt"))
     except BaseException as exc:
+        with open(os.path.join(run_dir, f"stopped-{rank}"), "w") as f:
+            f.write(f"{step} {type(exc).__name__}")
         guard.close(exc)
         raise
     guard.close()
@@ -113,6 +122,14 @@ def interfere(scenario: str, step: int, model: torch.nn.Module, opt: torch.optim
     elif scenario in ("lr", "halt"):
         for group in opt.param_groups:
             group["lr"] = LR * 10
+    elif scenario == "halt-window" and step == AFTER_CHECK:
+        # between a check and the comparison of its rows (the next step's start): this
+        # rank's own alert halts every rank at the next check, not this rank alone now
+        foreign_reseed()
+    elif scenario == "halt-save" and step == AT:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data.add_(torch.randn_like(p) * 0.5)
     elif scenario == "rng" and step == AT:
         foreign_reseed()
     elif scenario == "straggler":

@@ -16,7 +16,7 @@ validation loader), so a difference there proves nothing by itself.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,14 +69,28 @@ __all__ = [
 
 def gather(row: torch.Tensor, group: Any = None) -> torch.Tensor:
     """All ranks' rows, as a [world, fields] int64 tensor on the CPU (one all_gather)."""
+    return gather_start(row, group)()
+
+
+def gather_start(row: torch.Tensor, group: Any = None) -> Callable[[], torch.Tensor]:
+    """Start the all_gather of :func:`gather` and return what waits for its table: the
+    rank goes on with its step meanwhile, instead of waiting for the last rank here (it
+    waits for it at the job's next collective anyway)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return row.reshape(1, -1).cpu()
+        table = row.reshape(1, -1).cpu()
+        return lambda: table
     world = dist.get_world_size(group)
     out = [torch.empty_like(row) for _ in range(world)]
-    dist.all_gather(out, row, group=group)
-    return torch.stack(out).cpu()
+    work = dist.all_gather(out, row, group=group, async_op=True)
+
+    def wait() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return torch.stack(out).cpu()
+
+    return wait
 
 
 @dataclass

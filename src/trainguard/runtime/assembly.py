@@ -25,7 +25,17 @@ if TYPE_CHECKING:
     from trainguard.runtime.guard import Guard
 
 #: the Guard's own methods bound into it at start (see selfcheck.py)
-BOUND = ("step", "_check", "_drain", "_row", "_fingerprint", "_settle", "_raise", "_each")
+BOUND = (
+    "step",
+    "_check",
+    "_finish_check",
+    "_drain",
+    "_row",
+    "_fingerprint",
+    "_settle",
+    "_raise",
+    "_each",
+)
 
 
 def install(

@@ -15,6 +15,7 @@ read-only, full). What could not be done is logged, one warning line each, and k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,6 +53,11 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
         except Exception as exc:
             problem(guard, what, exc)
 
+    if getattr(guard, "_gathering", None) is not None:
+        if error is None or isinstance(error, GuardHalt):
+            attempt("comparing the last check", lambda: _finish_check(guard))
+        else:
+            guard._gathering = None  # the peers may never complete it: not waited for
     if getattr(guard, "_pending", None) is not None:
         attempt("reading the last steps", guard._drain)  # the steps since the last check
     if guard.ledger is not None:
@@ -103,6 +109,13 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
     if ended and guard.rank == 0:
         append_once(guard, "run", "run.closed", payload)
     attempt("closing the ledger", guard.ledger.close)
+
+
+def _finish_check(guard: Guard) -> None:
+    """The last check's comparison; a halt it calls for is recorded (``run.halted``), and
+    the run closes all the same."""
+    with contextlib.suppress(GuardHalt):
+        guard._finish_check()
 
 
 def _rank_payload(guard: Guard, payload: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 _MASK63 = (1 << 63) - 1
@@ -36,15 +37,31 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(array)
 
 
+#: below this many bytes one thread hashes faster than a pool started for it
+_THREADED_BYTES = 4 << 20
+#: the layout string of each tensor list hashed lately (shapes and dtypes rarely change)
+_LAYOUTS: dict[tuple[Any, ...], bytes] = {}
+
+
+def _layout(tensors: Sequence[torch.Tensor]) -> bytes:
+    key = tuple(x for t in tensors for x in (t.shape, t.dtype))
+    found = _LAYOUTS.get(key)
+    if found is None:
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.clear()
+        found = _LAYOUTS[key] = ";".join(f"{tuple(t.shape)}{t.dtype}" for t in tensors).encode()
+    return found
+
+
 def _cpu_hash(tensors: Sequence[torch.Tensor]) -> int:
+    total = sum(t.nbytes for t in tensors)
     try:
         from blake3 import blake3
 
-        hasher: Any = blake3(max_threads=blake3.AUTO)
+        hasher: Any = blake3(max_threads=blake3.AUTO if total >= _THREADED_BYTES else 1)
     except ImportError:  # pragma: no cover - blake3 is a dependency
         hasher = hashlib.blake2b(digest_size=8)
-    shapes = ";".join(f"{tuple(t.shape)}{t.dtype}" for t in tensors)
-    hasher.update(shapes.encode())
+    hasher.update(_layout(tensors))
     # one concatenation, one hash: the per-tensor Python overhead is what costs on CPU
     flat = [t.detach().reshape(-1).view(torch.uint8) for t in tensors if t.numel()]
     if flat:
@@ -163,7 +180,12 @@ def hyperparameters_hash(optimizer: torch.optim.Optimizer) -> int:
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
     """Each group's rate as the update sees it (through a float subclass's disguise)."""
-    return [float(_plain(group["lr"])) for group in optimizer.param_groups]
+    rates = []
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        # a plain float (the common case) as it is; anything else through _plain
+        rates.append(lr if type(lr) is float else float(_plain(lr)))
+    return rates
 
 
 def float_bits(value: float) -> int:
@@ -223,38 +245,47 @@ LARGEST = 8
 class WriteWatch:
     """Notices parameters written between optimizer steps, without a device sync.
 
-    A strided sample of every parameter (views, so they follow the live values) is
-    copied after each step and compared before the next; the comparison accumulates
-    into a device-side flag read only at checks. Replacing a parameter's storage
-    (``p.data = ...``) is caught by its data pointer.
+    A strided sample of the largest parameters (views, so they follow the live values) is
+    copied after each step and compared before the next; the comparison accumulates into a
+    device-side flag read only at checks. Replacing a parameter's storage (``p.data = ...``)
+    is caught by its data pointer. CPU tensors are sampled through NumPy views of their
+    bits, and compared at the check without a tensor operation.
     """
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self.params = list(params)
-        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot: list[Any] | None = None
         self._pointers = self._data_pointers()
         self._views = self._make_views()
-        self._pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self._pairs: list[tuple[list[Any], list[Any]]] = []
 
     def _data_pointers(self) -> int:
         return sum(p.data_ptr() for p in self.params)
 
-    def _make_views(self, per_tensor: int = 64) -> dict[torch.dtype, list[torch.Tensor]]:
+    def _make_views(self, per_tensor: int = 64) -> dict[Any, list[Any]]:
         # the largest tensors hold most of the weights; in-place writes to any tensor are
         # also caught by the guard's version counters, and all of them by the exact
         # cross-rank hash: this sample only has to be cheap enough for every step
-        views: dict[torch.dtype, list[torch.Tensor]] = {}
+        views: dict[Any, list[Any]] = {}
         largest = sorted(self.params, key=lambda p: p.numel(), reverse=True)[:LARGEST]
         for p in largest:
             flat = p.detach().reshape(-1)
             if flat.numel() and flat.is_contiguous():
                 step = max(1, flat.numel() // per_tensor)
                 dtype = _INT_VIEW[flat.element_size()]
-                views.setdefault(dtype, []).append(flat[::step].view(dtype))
+                bits = flat[::step].view(dtype)
+                if flat.device.type == "cpu":
+                    # a NumPy view of the same strided elements (shares the storage)
+                    views.setdefault(("numpy", dtype), []).append(bits.numpy())
+                else:
+                    views.setdefault(dtype, []).append(bits)
         return views
 
-    def _sample(self) -> list[torch.Tensor]:
-        return [torch.cat(group) for group in self._views.values()]
+    def _sample(self) -> list[Any]:
+        return [
+            np.concatenate(group) if isinstance(key, tuple) else torch.cat(group)
+            for key, group in self._views.items()
+        ]
 
     def after_step(self) -> None:
         self._snapshot = self._sample()
@@ -276,9 +307,12 @@ class WriteWatch:
         pairs, self._pairs = self._pairs, []
         if not pairs:
             return moved
-        flags = [
-            (now != then).any()
-            for after, before in pairs
-            for now, then in zip(before, after, strict=True)
-        ]
-        return bool(torch.stack(flags).any()) or moved
+        flags = []
+        for after, before in pairs:
+            for now, then in zip(before, after, strict=True):
+                if isinstance(now, np.ndarray):
+                    if not np.array_equal(now, then):
+                        return True
+                else:
+                    flags.append((now != then).any())
+        return bool(flags and torch.stack(flags).any()) or moved

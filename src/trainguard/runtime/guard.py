@@ -141,6 +141,9 @@ class Guard(Reporting):
         self._stream = self.run_dir / f"alerts-rank{self.rank}.jsonl"
         self._recorded: dict[tuple[str, str], int] = {}
         self._table: torch.Tensor | None = None
+        #: the check whose collective is under way: (its step, steps timed, the wait)
+        self._gathering: tuple[int, int, Any] | None = None
+        self._checked_at: int | None = None  # while comparing: the check's step
         self.detectors: list[Detector] = []
         self._callers = {}
         #: seconds spent in the guard's own code during training (step and hooks)
@@ -222,6 +225,10 @@ class Guard(Reporting):
         entered = time.perf_counter()
         self._done = False
         try:
+            if self._gathering is not None:
+                # the last check's table, before this step updates anything: a check that
+                # halts the run stops it before the next update
+                self._finish_check()
             self._each("before the step", "before_step")
         finally:
             self.overhead_seconds += time.perf_counter() - entered
@@ -259,6 +266,8 @@ class Guard(Reporting):
             self._guard_failed(exc, "the step's checks", may_halt=False)
         self._each("at the step", "observe", loss, batch, may_halt=False)
         try:
+            if self._gathering is not None:
+                self._finish_check()  # a step whose optimizer.step did not run
             if (self._step + 1) % self.every == 0:
                 self._check()
             self._settle()
@@ -303,21 +312,46 @@ class Guard(Reporting):
         self._each("at the check", "at_check", may_halt=False)
         row = self._fingerprint()
         entered = time.perf_counter()
-        table = agreement.gather(row, self.group)
+        wait = agreement.gather_start(row, self.group)
         self.collective_seconds += time.perf_counter() - entered
-        for alert in self._reported.new(agreement.compare(self.at, table, self._compared)):
-            self._raise_once(alert)
-        rows = table.tolist()
-        self._each("comparing the ranks", "compare", rows, may_halt=False)
-        self._tail.at_check(self, rows, agreement.INDEX)
-        busy = [row[agreement.INDEX["busy_us"]] / 1e6 for row in rows]
-        arrival = [row[agreement.INDEX["arrival_us"]] / 1e6 for row in rows]
-        window = len(self._busy_window)
-        for alert in self._straggler.check(self.at, busy, arrival, steps=window):
-            self._raise_once(alert)
-        self._table = table
+        self._gathering = (self.at, len(self._busy_window), wait)
         self._flags = 0
         self._busy_window.clear()
+        if self.world == 1:
+            self._finish_check()  # nobody to wait for
+
+    def _finish_check(self) -> None:
+        """Compare the ranks' rows of the last check. With peers this runs at the next
+        step's start (or before a checkpoint is saved or loaded, or at close): the
+        collective completes meanwhile, and the alerts carry the check's step. Under
+        policy "halt", every rank halts together here."""
+        pending, self._gathering = self._gathering, None
+        if pending is None:
+            return
+        at, window, wait = pending
+        self._checked_at = at
+        self._compared_severity = 0
+        try:
+            entered = time.perf_counter()
+            table = wait()
+            self.collective_seconds += time.perf_counter() - entered
+            for alert in self._reported.new(agreement.compare(at, table, self._compared)):
+                self._raise_once(alert)
+            rows = table.tolist()
+            self._each("comparing the ranks", "compare", rows, may_halt=False)
+            self._tail.at_check(self, rows, agreement.INDEX)
+            busy = [row[agreement.INDEX["busy_us"]] / 1e6 for row in rows]
+            arrival = [row[agreement.INDEX["arrival_us"]] / 1e6 for row in rows]
+            for alert in self._straggler.check(at, busy, arrival, steps=window):
+                self._raise_once(alert)
+            self._table = table
+        except GuardHalt:
+            raise
+        except Exception as exc:
+            self._guard_failed(exc, "the check", may_halt=False)
+        finally:
+            self._checked_at = None
+        self._settle(checked=True)
 
     def _fingerprint(self) -> torch.Tensor:
         """This rank's row for the check; if computing it fails, a row that says so
@@ -371,6 +405,7 @@ class Guard(Reporting):
 
     def save_checkpoint(self, path: str | os.PathLike[str], **extra: Any) -> Any:
         """A signed checkpoint of model, optimizer and RNG, recorded in the ledger (rank 0)."""
+        self._finish_check()  # the last check's verdict first: never sign a halted state
         return checkpoints.save(self, path, **extra)
 
     def load_checkpoint(
@@ -386,6 +421,7 @@ class Guard(Reporting):
         ``rollback=True`` (an earlier one of this run) or ``fork=True`` (one of another
         run); see :mod:`trainguard.runtime.checkpoints`.
         """
+        self._finish_check()
         return checkpoints.load(self, path, rollback=rollback, fork=fork)
 
     def close(self, error: BaseException | None = None) -> None:

@@ -47,6 +47,9 @@ class Reporting:
     _close_lock: threading.Lock
     _step: int
     _table: torch.Tensor | None
+    _checked_at: int | None = None
+    #: the most severe alert computed alike from the rows while comparing them
+    _compared_severity: int = 0
     every: int
     #: each Detector method, with the detectors that implement it (see ``_each``)
     _callers: dict[str, list[tuple[Detector, Any]]]
@@ -57,6 +60,8 @@ class Reporting:
     def at(self) -> int:
         """The step an alert is about: once a step's optimizer.step has run, what is seen
         can only affect the next one."""
+        if self._checked_at is not None:
+            return self._checked_at  # comparing a check's rows after it
         return self._step + 1 if self._done else self._step
 
     def _event(self, event: dict[str, Any], flag: int) -> None:
@@ -186,6 +191,8 @@ class Reporting:
     def _raise_once(self, alert: Alert) -> None:
         """An alert every rank computes alike from the gathered table: rank 0 reports it
         (one line, one ledger entry per incident); the others keep it for the halt."""
+        if self._checked_at is not None:
+            self._compared_severity = max(self._compared_severity, int(alert.severity))
         if self.rank == 0:
             self._raise(alert)
             return
@@ -273,13 +280,20 @@ class Reporting:
             )
         )
 
-    def _settle(self, start: bool = False) -> None:
-        """Halt every rank together: at a check, or at once when there is no peer."""
+    def _settle(self, start: bool = False, checked: bool = False) -> None:
+        """Halt every rank together: when a check's rows have been compared (``checked``),
+        or at once when there is no peer."""
         if self.policy != "halt":
             return
         table = getattr(self, "_table", None)
-        at_check = table is not None and (start or (self._step + 1) % self.every == 0)
+        at_check = table is not None and (start or checked)
         severity = self._pending_severity
+        if checked and self.world > 1:
+            # what every rank knows alike: the rows (each rank's severity at the check) and
+            # the alerts computed from them; an alert raised on one rank since the check
+            # travels in the next check's row (a rank halting alone would leave its peers
+            # waiting in the job's next collective)
+            severity = self._compared_severity
         if at_check and table is not None:
             severity = max(severity, max(r[agreement.INDEX["severity"]] for r in table.tolist()))
         elif self.world > 1 and not start:
