@@ -469,3 +469,39 @@ def test_a_persistent_wrong_update_is_caught_at_the_default_rate(monkeypatch):
             break
     assert found is not None
     assert found >= 1  # not every step is checked: the first one drawn under this key
+
+
+def test_what_is_compared_early_in_a_long_interval_is_reported(monkeypatch):
+    """More records pending than the check keeps (a long interval at rate 1): they are
+    compared early, and what that finds is reported at the next drain, not lost."""
+    import torch.optim.sgd as sgd_module
+
+    from trainguard.runtime import update_check
+
+    original = sgd_module._single_tensor_sgd
+
+    def doubled(params: list[torch.Tensor], *args: Any, **kwargs: Any) -> None:
+        before = [p.detach().clone() for p in params]
+        original(params, *args, **kwargs)
+        with torch.no_grad():
+            for p, b in zip(params, before, strict=True):
+                p.copy_(b + 2 * (p - b))
+
+    monkeypatch.setattr(update_check, "_MAX_PENDING", 8)
+    model = net()
+    opt = optim.SGD(model.parameters(), lr=1e-2, foreach=False)
+    check = UpdateCheck(model, opt, 0, clock=lambda: 7, record=print, key=b"e" * 32, rate=1.0)
+    opt.register_step_pre_hook(lambda *a: check.before_step())
+    opt.register_step_post_hook(lambda *a: check.after_step())
+    gen = torch.Generator().manual_seed(3)
+    for step in range(20):
+        if step == 2:
+            monkeypatch.setattr(sgd_module, "_single_tensor_sgd", doubled)
+        if step == 3:
+            monkeypatch.setattr(sgd_module, "_single_tensor_sgd", original)
+        opt.zero_grad()
+        x = torch.randn(16, 8, generator=gen)
+        torch.nn.functional.mse_loss(model(x), x[:, :1]).backward()
+        opt.step()
+    found = list(check.on_step(StepInfo(0, None, [], None)))
+    assert [a.details["kind"] for a in found] == ["update"]

@@ -26,13 +26,16 @@ one uniform draw with probability ``1 / T`` per step.
 Optimizers or options it does not model (another class, ``differentiable``,
 ``capturable``, complex parameters, sparse gradients) are recorded once as unchecked,
 never guessed at. Values are read without a device sync; they are compared when the
-guard drains its detectors (at checks).
+guard drains its detectors (at checks), all pending records at once (``update_math``).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import os
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -44,17 +47,16 @@ from trainguard.errors import Severity
 from trainguard.runtime.interface import Alert, BaseDetector, Coins, StepInfo
 from trainguard.runtime.update_math import (
     _FIRST,
-    _adam,
     _between,
     _f64,
-    _finding,
-    _mismatch,
+    _Found,
+    _Item,
     _num,
     _Reading,
     _scalar_value,
-    _sgd,
     _Slot,
     _unchanged,
+    _updates,
 )
 
 #: coordinates read per checked optimizer step, over ``DEFAULT_TENSORS`` tensors
@@ -100,16 +102,19 @@ def _take(tensor: torch.Tensor, index: np.ndarray) -> Any:
     return torch.take(t, torch.from_numpy(index).to(t.device, non_blocking=True))
 
 
+#: the dtypes read through a NumPy view: whether NumPy sees them as int16 bits (bf16)
+_VIEWED = {torch.float32: False, torch.float64: False, torch.float16: False, torch.bfloat16: True}
+
+
 def _flat(tensor: torch.Tensor) -> np.ndarray | None:
     """A flat NumPy view of a contiguous CPU float tensor (bf16 as its int16 bits)."""
-    t = tensor.detach()
-    if t.device.type != "cpu" or not t.is_contiguous() or t.is_complex():
+    bf16 = _VIEWED.get(tensor.dtype)  # complex and integer dtypes are not viewed
+    if bf16 is None or not tensor.is_cpu or not tensor.is_contiguous():
         return None
-    if t.dtype == torch.bfloat16:
+    t = tensor.detach() if tensor.requires_grad else tensor
+    if bf16:
         return t.view(torch.int16).numpy().reshape(-1)
-    if t.dtype in (torch.float32, torch.float64, torch.float16):
-        return t.numpy().reshape(-1)
-    return None
+    return t.numpy().reshape(-1)
 
 
 class _Views:
@@ -118,19 +123,35 @@ class _Views:
     CPU tensor is then one fancy index instead of a tensor operation."""
 
     def __init__(self) -> None:
-        self._views: dict[tuple[int, str], tuple[torch.Tensor, int, np.ndarray | None]] = {}
+        self._views: dict[tuple[int, str], tuple[torch.Tensor, int, np.ndarray | None, bool]] = {}
+
+    def _view(self, key: tuple[int, str], tensor: torch.Tensor, pointer: int) -> Any:
+        view = self._views.get(key)
+        if view is None or view[0] is not tensor or view[1] != pointer:
+            flat = _flat(tensor)
+            view = (tensor, pointer, flat, flat is not None and flat.dtype == np.int16)
+            self._views[key] = view
+        return view
 
     def take(self, key: tuple[int, str], tensor: torch.Tensor, index: np.ndarray) -> Any:
-        view = self._views.get(key)
-        if view is None or view[0] is not tensor or view[1] != tensor.data_ptr():
-            view = (tensor, tensor.data_ptr(), _flat(tensor))
-            self._views[key] = view
-        flat = view[2]
+        return self.take_at(key, tensor, index)[0]
+
+    def take_at(
+        self, key: tuple[int, str], tensor: torch.Tensor, index: np.ndarray
+    ) -> tuple[Any, int]:
+        """The values at ``index`` and the tensor's data pointer."""
+        pointer = tensor.data_ptr()
+        _, _, flat, bf16 = self._view(key, tensor, pointer)
         if flat is None:
-            return _take(tensor, index)
-        if flat.dtype == np.int16:
-            return ("bf16", flat[index])
-        return flat[index]
+            return _take(tensor, index), pointer
+        return (("bf16", flat[index]) if bf16 else flat[index]), pointer
+
+    def first(self, key: tuple[int, str], tensor: torch.Tensor) -> Any:
+        """A one-element tensor's value: a float where it is on the CPU (no sync)."""
+        _, _, flat, bf16 = self._view(key, tensor, tensor.data_ptr())
+        if flat is None:
+            return _take(tensor, _FIRST)
+        return float(_f64(("bf16", flat[:1]))[0]) if bf16 else float(flat[0])
 
     def clear(self) -> None:
         self._views.clear()
@@ -186,19 +207,23 @@ class UpdateCheck(BaseDetector):
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._kind = _kind(optimizer)
         self._count = 0  # optimizer steps seen: the draw's counter
+        # the coin of optimizer step ``_decided``, flipped ahead at the end of the one before
+        self._decided, self._due = -1, False
         self._next: list[_Slot] | None = None  # drawn for the next step, with baselines
         self._next_for = -1  # the step count it was drawn for
         self._current: _Record | None = None
         self._pending: list[_Record] = []
+        self._early: list[Alert] = []  # found when too many records were pending
         self._reported: set[str] = set()
         self._unchecked: set[str] = set()
         self._layout: tuple[int, ...] = ()
         self._params: list[torch.Tensor] = []
         self._groups: list[int] = []
-        self._cumulative = np.zeros(0, dtype=np.uint64)
+        self._cumulative: list[int] = []
         self._complex = False
         self._views = _Views()
         self._fields = _STATE_FIELDS[self._kind or "sgd"]
+        self._eps: dict[torch.dtype, float] = {}
 
     # --- drawing ----------------------------------------------------------------------
 
@@ -210,8 +235,7 @@ class UpdateCheck(BaseDetector):
         self._layout = layout
         self._params = [p for g in groups for p in g["params"]]
         self._groups = [i for i, g in enumerate(groups) for _ in g["params"]]
-        sizes = np.array([max(p.numel(), 0) for p in self._params], dtype=np.uint64)
-        self._cumulative = np.cumsum(sizes, dtype=np.uint64)
+        self._cumulative = list(itertools.accumulate(p.numel() for p in self._params))
         self._complex = any(p.is_complex() for p in self._params)
         self._views.clear()
         self._next = None
@@ -222,46 +246,60 @@ class UpdateCheck(BaseDetector):
         return self._coins(self._key, n)
 
     def _draw(self, n: int) -> list[_Slot]:
-        total = int(self._cumulative[-1]) if len(self._cumulative) else 0
+        # plain Python on 8-byte words and one NumPy array at the end: a few tiny NumPy
+        # calls cost more than the arithmetic, the more so with caches cold after a step
+        cumulative = self._cumulative
+        total = cumulative[-1] if cumulative else 0
         if total == 0:
             return []
-        width = self.tensors * (1 + self.per_tensor)
-        digest = hashlib.shake_256(self._key + n.to_bytes(8, "little")).digest(8 * width)
-        words = np.frombuffer(digest, dtype=np.uint64).reshape(self.tensors, 1 + self.per_tensor)
-        slots = []
-        for i, row in enumerate(words):
+        width = 1 + self.per_tensor
+        digest = hashlib.shake_256(self._key + n.to_bytes(8, "little")).digest(
+            8 * width * self.tensors
+        )
+        words = struct.unpack(f"<{width * self.tensors}Q", digest)
+        chosen: list[tuple[int, int]] = []
+        coords: list[int] = []
+        for i in range(self.tensors):
+            head = words[i * width]
             if i % 2 == 0:  # by size: every coordinate equally likely
-                at = np.uint64(int(row[0]) % total)
-                index = int(np.searchsorted(self._cumulative, at, side="right"))
+                index = bisect.bisect_right(cumulative, head % total)
             else:  # by tensor: a small tensor (a bias, a norm) as likely as a large one
-                index = int(row[0]) % len(self._params)
+                index = head % len(self._params)
             size = self._params[index].numel()
             if size:
-                slots.append(_Slot(index, (row[1:] % np.uint64(size)).astype(np.int64)))
-        return slots
+                chosen.append((index, len(coords)))
+                coords += [w % size for w in words[i * width + 1 : (i + 1) * width]]
+        every = np.array(coords, dtype=np.int64)
+        k = self.per_tensor
+        return [_Slot(index, every[at : at + k]) for index, at in chosen]
 
     # --- reading ----------------------------------------------------------------------
 
     def _read(self, slot: _Slot, *, grad: bool) -> _Reading:
-        i, p, coords = slot.index, self._params[slot.index], slot.coords
-        reading = _Reading(self._views.take((i, ""), p, coords), p._version, p.data_ptr())
-        if grad and p.grad is not None:
-            if p.grad.is_sparse:
+        i, coords, views = slot.index, slot.coords, self._views
+        p = self._params[i]
+        values, pointer = views.take_at((i, ""), p, coords)
+        reading = _Reading(values, p._version, pointer)
+        gradient = p.grad if grad else None
+        if gradient is not None:
+            if gradient.is_sparse:
                 raise _Unsupported(f"{type(self.optimizer).__name__} with sparse gradients")
             # a new tensor at every zero_grad: not worth a kept view
-            g = _flat(p.grad)
-            reading.grad = _take(p.grad, coords) if g is None else g[coords]
-            if g is not None and g.dtype == np.int16:
-                reading.grad = ("bf16", reading.grad)
+            g = _flat(gradient)
+            if g is None:
+                reading.grad = _take(gradient, coords)
+            else:
+                reading.grad = ("bf16", g[coords]) if g.dtype == np.int16 else g[coords]
         state = self.optimizer.state.get(p)
         if state:
+            size = p.numel()
             for name in self._fields:
                 value = state.get(name)
-                if isinstance(value, torch.Tensor) and value.numel() == p.numel():
-                    reading.state[name] = (value, self._views.take((i, name), value, coords))
+                if isinstance(value, torch.Tensor) and value.numel() == size:
+                    reading.state[name] = (value, views.take((i, name), value, coords))
             step = state.get("step")
             if isinstance(step, torch.Tensor) and step.numel() == 1:
-                reading.step = (step, self._views.take((i, "step"), step, _FIRST))
+                reading.step = (step, views.first((i, "step"), step))
             elif step is not None:
                 reading.step = (step, step)
         return reading
@@ -280,7 +318,9 @@ class UpdateCheck(BaseDetector):
     def before_step(self) -> None:
         """The optimizer's step pre-hook: read the sample drawn for this step."""
         self._current = None
-        if not self._chosen(self._count):
+        # the coin for this step was flipped at the end of the previous one
+        due = self._due if self._decided == self._count else self._chosen(self._count)
+        if not due:
             return
         self._refresh()
         reason = self._unsupported()
@@ -310,9 +350,13 @@ class UpdateCheck(BaseDetector):
             g = self._groups[slot.index]
             if g not in settings:
                 group = groups[g]
-                settings[g] = {k: _scalar(group[k]) for k in _SETTINGS if k in group}
+                h = settings[g] = {}
+                for k in _SETTINGS:
+                    if k in group:
+                        value = group[k]
+                        h[k] = _scalar(value) if isinstance(value, torch.Tensor) else value
                 if "betas" in group:
-                    settings[g]["betas"] = tuple(_scalar(b) for b in group["betas"])
+                    h["betas"] = tuple(_scalar(b) for b in group["betas"])
             slot.group = settings[g]
 
     def _unchecked_once(self, reason: str) -> None:
@@ -338,8 +382,10 @@ class UpdateCheck(BaseDetector):
                 slot.after = self._read(slot, grad=False)
             self._pending.append(record)
             if len(self._pending) > _MAX_PENDING:
-                self._alerts_now()
-        if not self._chosen(self._count):
+                # compared now (a long interval), reported at the next drain
+                self._early += self._alerts_now()
+        self._decided, self._due = self._count, self._chosen(self._count)
+        if not self._due:
             return
         self._refresh()
         if self._unsupported() is not None:
@@ -361,46 +407,59 @@ class UpdateCheck(BaseDetector):
     # --- comparing --------------------------------------------------------------------
 
     def on_step(self, info: StepInfo) -> Iterable[Alert]:
-        return self._alerts_now()
+        early, self._early = self._early, []
+        return early + self._alerts_now()
 
     def _alerts_now(self) -> list[Alert]:
         pending, self._pending = self._pending, []
+        want = {"update", "between"} - self._reported
+        if not pending or not want:
+            return []  # one alert per kind: nothing left to find
+        first: dict[str, _Found] = {}
+        for found in self._compare(pending, want):
+            kind = found[2]
+            if kind not in first or found[0] < first[kind][0]:
+                first[kind] = found
         alerts = []
-        for record in pending:
-            for kind, text, details in self._compare(record):
-                if kind in self._reported:
-                    continue
-                self._reported.add(kind)
-                alerts.append(
-                    Alert(record.step, self.rank, self.name, Severity.HIGH, text, details)
-                )
+        for _, step, kind, text, details in sorted(first.values(), key=lambda f: f[0]):
+            self._reported.add(kind)
+            alerts.append(Alert(step, self.rank, self.name, Severity.HIGH, text, details))
         return alerts
 
-    def _compare(self, record: _Record) -> list[tuple[str, str, dict[str, Any]]]:
-        found: list[tuple[str, str, dict[str, Any]]] = []
-        skipped = record.found_inf is not None and _num(_scalar_value(record.found_inf)) != 0
-        scale = _scalar_value(record.scale)
-        for slot in record.slots:
-            p = self._params[slot.index]
-            name = self._names.get(id(p), f"param[{slot.index}]")
-            before, after = slot.before, slot.after
-            assert before is not None
-            assert after is not None
-            eps = float(torch.finfo(p.dtype).eps)
-            if slot.baseline is not None:
-                found += _between(name, slot, eps)
-            if skipped or before.grad is None:
+    def _compare(self, pending: list[_Record], want: set[str]) -> list[_Found]:
+        """All pending records compared at once; each kind's findings in (record, slot,
+        field) order, the first of each the one the record-by-record order would meet."""
+        items: list[_Item] = []
+        skipped_items: list[_Item] = []
+        stepped: list[_Item] = []
+        for record in pending:
+            skipped = record.found_inf is not None and _num(_scalar_value(record.found_inf)) != 0
+            scale = _scalar_value(record.scale)
+            scale = 1.0 if scale is None else float(scale)
+            for slot in record.slots:
+                p = self._params[slot.index]
+                eps = self._eps.get(p.dtype)
+                if eps is None:
+                    eps = self._eps[p.dtype] = float(torch.finfo(p.dtype).eps)
+                name = self._names.get(id(p))
+                if name is None:
+                    name = f"param[{slot.index}]"
+                item = _Item(len(items), record.step, slot, name, eps, scale)
+                items.append(item)
+                before = slot.before
+                assert before is not None
+                assert slot.after is not None
                 # torch leaves the parameter and its state as they were
-                found += _unchanged(name, slot, "a step that torch skips for this parameter")
-                continue
-            model = _sgd if self._kind == "sgd" else _adam
-            g = _f64(before.grad)
-            if scale is not None:
-                g = g / float(scale)
-            with np.errstate(all="ignore"):  # non-finite inputs are NonFinite's to report
-                checks = model(slot, g, eps)
-            for field_name, expected, actual, tol in checks:
-                bad = _mismatch(expected, actual, tol)
-                if bad is not None:
-                    found.append(_finding(name, slot, field_name, bad, expected, actual, tol))
+                (skipped_items if skipped or before.grad is None else stepped).append(item)
+        found: list[_Found] = []
+        if "between" in want:
+            between = _between(items)
+            if between is not None:
+                found.append(between)
+        if "update" in want:
+            unchanged = _unchanged(skipped_items, "a step that torch skips for this parameter")
+            if unchanged is not None:
+                found.append(unchanged)
+            if stepped:
+                found += _updates(self._kind or "sgd", stepped)
         return found
