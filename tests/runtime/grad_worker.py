@@ -68,7 +68,7 @@ def main() -> None:
     )
     if scenario == "after-edit":
         # sample half the steps: the test asks for a catch within two check intervals
-        # whatever the key draws (at the default 1/16 it takes 16 steps on average)
+        # whatever the key draws (at the default 1/32 it takes 32 steps on average)
         next(d for d in guard.detectors if d.name == "gradients").rate = 0.5
     data = torch.Generator().manual_seed(100 + rank)
     for step in range(STEPS):

@@ -572,3 +572,33 @@ def test_the_device_digest_follows_the_values():
     assert int(_device_sample(ids, 0)) != int(_device_sample(changed, 0))
     assert int(_device_sample(ids, 0)) != int(_device_sample(ids, 1)), "position in the batch"
     assert int(_device_sample(torch.zeros(0), 0)) == 0
+
+
+def test_a_held_batch_has_the_digest_of_the_same_batch_taken_at_its_step():
+    """What the check computes for a kept batch (``held_digest``) is the digest the step
+    path computes from its copied sample: a job whose loader starts refilling its buffers
+    in place (digested per step from then on) keeps one commitment."""
+    from trainguard.runtime import batches
+
+    gen = torch.Generator().manual_seed(4)
+    samples = [
+        (torch.randint(0, 50, (16, 64), generator=gen), torch.randn(16, 64, generator=gen)),
+        {
+            "input_ids": torch.randint(0, 9, (4, 300), generator=gen),
+            "mask": torch.rand(4, 300, generator=gen) > 0.5,
+            "pixels": torch.randn(2, 3, 8, 8, generator=gen).to(torch.bfloat16),
+            "nested": [torch.arange(5, dtype=torch.int16), numpy.arange(7.0)],
+            "name": "batch-3",
+        },
+        [torch.tensor([], dtype=torch.int64), torch.randn(5, 4, generator=gen).t()],
+    ]
+    for batch in samples:
+        found: list[tuple[str, torch.Tensor]] = []
+        assert batches.leaves(batch, "", found, 0)
+        at_step = batches.batch_digest(batch)
+        assert batches.held_digest(found) == at_step
+        assert batches.digest(batches.sample_leaves(found, copy=False)) == at_step
+    # and it depends on the values and on where they sit
+    x, y = samples[0]
+    swapped = [("[0]", y), ("[1]", x)]
+    assert batches.held_digest(swapped) != batches.batch_digest(samples[0])

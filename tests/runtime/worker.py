@@ -61,8 +61,8 @@ def main() -> None:
         hang_timeout=3.0 if scenario == "hang" else 600.0,
         policy="halt" if scenario in ("halt", "halt-window", "halt-save") else "alert",
         # the one-off write must fall in a watched gap to be this rank's own evidence (at
-        # the default, a keyed quarter of the gaps; otherwise "cannot tell" with two ranks)
-        watch_rate=1.0 if scenario == "weights" else 0.25,
+        # the default, a keyed eighth of the gaps; otherwise "cannot tell" with two ranks)
+        watch_rate=1.0 if scenario == "weights" else 1 / 8,
     )
     with open(os.path.join(run_dir, f"pid-{rank}"), "w") as f:
         f.write(str(os.getpid()))

@@ -86,7 +86,13 @@ class CommTimer:
         import torch.distributed as dist
 
         self._wait = 0.0
+        #: seconds of the sensor's own work on sampled steps: its reads before each
+        #: all-reduce (in the job's backward) and the CPU time of its reads of the result
+        #: (on the collective's thread), until taken
+        self._own = 0.0
         self._lock = threading.Lock()
+        #: notified when the last sampled result's completion callback has run
+        self._settled = threading.Condition(self._lock)
         self.sample_now = sample_now
         self.in_backward = True  # between a step's start and its optimizer.step
         self.params: Sequence[Any] = ()
@@ -159,6 +165,8 @@ class CommTimer:
                 before = self._before(tensor, args, kwargs)
             except Exception as exc:
                 self.on_fault("the all-reduce sensor", exc)
+            with self._lock:
+                self._own += time.perf_counter() - started
         work = self._original(tensor, *args, **kwargs)
         self._after(work, started, tensor if sample else None, before)
         return work
@@ -201,12 +209,15 @@ class CommTimer:
             if counted:
                 with self._lock:
                     self._pending = max(0, self._pending - 1)
+                    if not self._pending:
+                        self._settled.notify_all()
 
     def _book(self, started: float, reduced: Any, before: Any) -> None:
         try:
             waited = time.perf_counter() - started
             result = None
             if reduced is not None:
+                cpu = time.thread_time()
                 result = _Result(reduced.numel(), moments(reduced))
                 if before is not None:
                     sums, part, start, stride = before
@@ -219,6 +230,7 @@ class CommTimer:
             with self._lock:
                 self._wait += waited
                 if result is not None:
+                    self._own += time.thread_time() - cpu
                     # the latest result per buffer: accumulation reduces the same buckets again
                     self._reduced[(reduced.data_ptr(), reduced.numel())] = result
         except Exception as exc:
@@ -231,10 +243,9 @@ class CommTimer:
         # the completion callbacks run on the collective's own thread, possibly after the
         # job (DDP) has waited for the work: wait for them briefly, so that every rank reads
         # the results of all its buckets (else ranks would digest different sets)
-        deadline = time.perf_counter() + _CALLBACK_WAIT
-        while self._pending and time.perf_counter() < deadline:
-            time.sleep(0.0002)
         with self._lock:
+            # woken by the last callback (polling would add a sleep's granularity)
+            self._settled.wait_for(lambda: not self._pending, timeout=_CALLBACK_WAIT)
             late, self._pending = self._pending, 0  # given up on: never wait for them again
             reduced, self._reduced = self._reduced, {}
         if not reduced or late:
@@ -281,6 +292,11 @@ class CommTimer:
         step, self.sampled = self.sampled, None
         return step
 
+    def take_own(self) -> float:
+        with self._lock:
+            own, self._own = self._own, 0.0
+        return own
+
     def take_wait(self) -> float:
         with self._lock:
             waited, self._wait = self._wait, 0.0
@@ -307,4 +323,5 @@ def moments(tensor: Any) -> Any:
     import torch
 
     flat = tensor.detach().reshape(-1).to(torch.float64)
-    return torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum()])
+    # the sum of squares as a dot product: one pass, no squared copy
+    return torch.stack([flat.sum(), flat.abs().sum(), flat.dot(flat)])

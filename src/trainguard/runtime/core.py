@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 import os
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from trainguard.runtime.interface import Alert, BaseDetector, Coins, Context, St
 from trainguard.runtime.modelstate import ModelState
 from trainguard.runtime.provenance import Attribution, Origin
 from trainguard.runtime.reporting import _describe
-from trainguard.runtime.selfcheck import tampered
+from trainguard.runtime.selfcheck import SWEEP_EVERY, tampered
 from trainguard.runtime.sensors import AuditSensor, PatchWatch, SeedWatch
 
 _VERSION = operator.attrgetter("_version")
@@ -44,7 +44,7 @@ STATE_EVERY = 4
 #: next step begins, and the optimizer's settings compared (and at every check): writes or
 #: setting changes on every step are seen within a few steps, one-off ones with this
 #: probability each; the cross-rank hash sees any write that makes a rank differ
-WATCH_RATE = 0.25
+WATCH_RATE = 1 / 8
 
 
 class OptimizerWatch(BaseDetector):
@@ -185,15 +185,18 @@ class SensorChecks(BaseDetector):
         if self.hooks.nodes is not None:
             self.hooks.nodes.on_fault = ctx.fault
         self._tamper_reported = False
+        self._checks = 0
 
     def at_check(self) -> None:
-        for where, part in (
-            ("the patch sensor", self._patches),
-            ("the hook sensor", self._hooks),
+        self._checks += 1
+        parts: tuple[tuple[str, Callable[[], None]], ...] = (
             ("the model-state sensor", self._model_state),
             ("the sensors' self-check", self._intact),
             ("the seed sensor", self._seed),
-        ):
+        )
+        if self._checks % SWEEP_EVERY == 1 % SWEEP_EVERY:
+            parts = (("the patch sensor", self._patches), ("the hook sensor", self._hooks), *parts)
+        for where, part in parts:
             try:
                 part()
             except Exception as exc:  # noqa: PERF203 - each part on its own

@@ -32,6 +32,13 @@ class NonFinite(BaseDetector):
                 yield Alert(info.step, self.rank, self.name, Severity.HIGH, f"{what} is {value}")
 
 
+def _median(ordered: list[float]) -> float:
+    """statistics.median of an already sorted non-empty list."""
+    n = len(ordered)
+    mid = n // 2
+    return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 class RobustAnomaly(BaseDetector):
     """A value far above its trailing median, for ``patience`` steps in a row."""
 
@@ -63,8 +70,9 @@ class RobustAnomaly(BaseDetector):
         self.fired = False
 
     def score(self, value: float) -> float:
-        median = statistics.median(self.history)
-        mad = statistics.median(abs(v - median) for v in self.history)
+        ordered = sorted(self.history)
+        median = _median(ordered)
+        mad = _median(sorted([abs(v - median) for v in ordered]))
         scale = 1.4826 * mad + 1e-3 * abs(median) + 1e-12
         return (value - median) / scale
 

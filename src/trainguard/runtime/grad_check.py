@@ -48,7 +48,7 @@ NAME = "gradients"
 #: the gradients (their moments, as a gradient norm does) and one device sync; at 1/16 an
 #: edit made on a share f of the steps goes unsampled for 16/f steps on average, at well
 #: under 1% of the step time (the same rate as the update check's)
-DEFAULT_RATE = 1 / 16
+DEFAULT_RATE = 1 / 32
 #: sampled steps whose per-rank values travel in each fingerprint (a keyed reservoir of
 #: the interval's sampled steps when there are more)
 SLOTS = 4

@@ -146,7 +146,9 @@ class Guard(Reporting):
         self._checked_at: int | None = None  # while comparing: the check's step
         self.detectors: list[Detector] = []
         self._callers = {}
-        #: seconds spent in the guard's own code during training (step and hooks)
+        #: seconds spent in the guard's own code during training (step and hooks, and the
+        #: all-reduce sensor's work on sampled steps, in the backward and on the
+        #: collective's thread)
         self.overhead_seconds = 0.0
         #: of which in the check's collective: mostly waiting for the last rank to arrive,
         #: which a synchronous job would otherwise spend at its next all-reduce
@@ -287,6 +289,8 @@ class Guard(Reporting):
                 self._guard_failed(exc, "the step's bookkeeping", may_halt=False)
             self._last_end = time.perf_counter()
             self.overhead_seconds += self._last_end - entered
+            with contextlib.suppress(Exception):
+                self.overhead_seconds += self.comm.take_own()  # the all-reduce sensor's
 
     def _drain(self) -> None:
         """Run the detectors over the steps since the last check (one sync for all)."""
@@ -295,9 +299,7 @@ class Guard(Reporting):
             return
         values = [v for _, loss, norm, _, _ in pending for v in (loss, norm)]
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        numbers = (
-            iter(torch.stack([t.float().cpu() for t in tensors]).tolist()) if tensors else None
-        )
+        numbers = iter(_resolved(tensors)) if tensors else None
         resolved = [next(numbers) if isinstance(v, torch.Tensor) and numbers else v for v in values]
         for i, (step, _, _, lr, wanted) in enumerate(pending):
             info = StepInfo(step, resolved[2 * i], list(lr), resolved[2 * i + 1], wanted)
@@ -435,3 +437,14 @@ class Guard(Reporting):
 
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
         self.close(error)
+
+
+def _resolved(tensors: list[torch.Tensor]) -> list[float]:
+    """The 0-d tensors' values, in one copy to the CPU (one stack when they share a device
+    and dtype, as a job's losses do: not two tensor operations each)."""
+    first = tensors[0]
+    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+        values: list[float] = torch.stack(tensors).float().cpu().tolist()
+        return values
+    stacked: list[float] = torch.stack([t.float().cpu() for t in tensors]).tolist()
+    return stacked

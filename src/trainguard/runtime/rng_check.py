@@ -73,7 +73,7 @@ HEAVY_BUDGET = 8
 DEFAULT_BUDGET = 96
 #: the share of optimizer steps whose torch generator states are sampled, drawn under
 #: the shared key so that code without it cannot keep its rewinds between samples
-SAMPLE_RATE = 1 / 4
+SAMPLE_RATE = 1 / 8
 _MAX_SAMPLES = 8
 #: earlier verified states remembered per generator: a state equal to one is a rewind
 _RECENT = 8
@@ -151,6 +151,20 @@ def cuda_sources() -> list[Source]:
         Source(f"torch.cuda.default_generators[{i}]", gen.get_state, philox_state)
         for i, gen in enumerate(torch.cuda.default_generators)
     ]
+
+
+def _same_raw(raw: Any, previous: Any) -> bool:
+    """Whether a raw state is the one read before it, byte for byte (torch's states are
+    uint8 tensors: compared as they are, without parsing)."""
+    if previous is None:
+        return False
+    if isinstance(raw, torch.Tensor) and isinstance(previous, torch.Tensor):
+        return (
+            raw.shape == previous.shape
+            and raw.dtype == previous.dtype
+            and torch.equal(raw, previous)
+        )
+    return False
 
 
 @dataclass
@@ -275,10 +289,14 @@ class RngCheck(BaseDetector):
             chain = [s[track.source.name] for s in samples if track.source.name in s]
             chain.append(track.source.grab())
             left = self.budget  # twists, for all of this generator's links together
+            previous: Any = None
             for i, raw in enumerate(chain):
                 last = i == len(chain) - 1
                 if left <= 0 and not last:
                     continue  # out of budget: straight to the state at the check
+                if _same_raw(raw, previous):
+                    continue  # the state just verified, unmoved (a loader's, between epochs)
+                previous = raw
                 # a generator that outran the budget before: its sampled states are only
                 # compared with the states it held (no search); the search is for the last
                 links = 0 if track.heavy and not last else max(left, 0)
