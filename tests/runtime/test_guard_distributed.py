@@ -138,24 +138,19 @@ def closed(run_dir: Path) -> bool:
     return verify.returncode == 0 and report["closed"] and not (run_dir / "run.key").exists()
 
 
-def test_halt_stops_every_rank_at_the_same_check(tmp_path, owner_key):
-    run_dir, codes = run("halt", tmp_path, owner_key)
-    assert all(code != 0 for code in codes)
-    for rank in (0, 1):
-        assert any(a["rank"] == VICTIM for a in alerts(run_dir, rank))
-    assert closed(run_dir)
-
-
 def stopped(run_dir: Path, rank: int) -> tuple[int, str]:
     step, kind = (run_dir / f"stopped-{rank}").read_text().split()
     return int(step), kind
 
 
-def test_halt_comes_from_the_next_step_before_its_update(tmp_path, owner_key):
-    """A check's rows are compared when the next step begins: every rank halts there,
-    in optimizer.step, before the update."""
+def test_halt_stops_every_rank_at_the_same_check(tmp_path, owner_key):
+    """A check's rows are compared when the next step begins: every rank halts there, in
+    optimizer.step, before the update; the run is closed."""
     run_dir, codes = run("halt", tmp_path, owner_key)
     assert all(code != 0 for code in codes)
+    for rank in (0, 1):
+        assert any(a["rank"] == VICTIM for a in alerts(run_dir, rank))
+    assert closed(run_dir)
     ends = [stopped(run_dir, rank) for rank in (0, 1)]
     assert ends[0] == ends[1]
     step, kind = ends[0]
