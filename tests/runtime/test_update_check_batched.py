@@ -189,19 +189,26 @@ def test_a_wrong_coordinate_is_named_in_its_own_record(kind, shared, groups, dty
     assert abs(alert.details["actual"] - alert.details["expected"]) > alert.details["tolerance"]
 
 
+def _without_grad_at(job: Job, at: int) -> Callable[[int], None]:
+    """A before-step callback that takes the gradient of the parameter the check samples
+    first at step ``at`` (4 records in) away, at that step only."""
+    slots = job.drawn(4)  # refreshes the check's parameter list: first
+    target = job.check._params[slots[0].index]
+
+    def drop(step: int) -> None:
+        if step == at:
+            target.grad = None
+
+    return drop
+
+
 @CASES
 @DTYPES
 def test_a_parameter_without_a_gradient_in_one_record_is_quiet(kind, shared, groups, dtype):
     """A parameter the check samples has no gradient at one step only (torch skips it
     there: its value and state stay): batched with the records around it, no alert."""
     job = Job(kind, shared, groups, dtype, foreach=False)
-    slots = job.drawn(4)  # refreshes the check's parameter list: first
-    target = job.check._params[slots[0].index]
-
-    def drop(step: int) -> None:
-        if step == START + 4:
-            target.grad = None
-
+    drop = _without_grad_at(job, START + 4)
     job.train(8, before=drop)
     assert len(job.check._pending) == 8
     skipped = job.check._pending[4].slots[0]
@@ -217,13 +224,7 @@ def test_a_change_in_a_step_that_torch_skips_is_named(kind, shared, groups, dtyp
     """The same, with the skipped parameter changed after the step: named as changed in a
     step torch skips, with that record's step and the coordinate."""
     job = Job(kind, shared, groups, dtype, foreach=False)
-    slots = job.drawn(4)  # refreshes the check's parameter list: first
-    target = job.check._params[slots[0].index]
-
-    def drop(step: int) -> None:
-        if step == START + 4:
-            target.grad = None
-
+    drop = _without_grad_at(job, START + 4)
     job.corrupt(START + 4)
     job.train(8, before=drop)
     alerts = job.drain()
