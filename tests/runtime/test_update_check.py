@@ -96,8 +96,16 @@ def train(
             check.alerts += list(check.on_step(StepInfo(step, None, [], None)))
 
 
-def attach(model: torch.nn.Module, opt: Any, events: list[dict[str, Any]]) -> UpdateCheck:
-    check = UpdateCheck(model, opt, 0, clock=lambda: 0, record=events.append, rate=1.0)
+def attach(
+    model: torch.nn.Module,
+    opt: Any,
+    events: list[dict[str, Any]],
+    *,
+    rate: float = 1.0,
+    key: bytes | None = None,
+    step: int = 0,
+) -> UpdateCheck:
+    check = UpdateCheck(model, opt, 0, clock=lambda: step, record=events.append, rate=rate, key=key)
     check.alerts = []  # type: ignore[attr-defined]
     opt.register_step_pre_hook(lambda *_: check.before_step())
     opt.register_step_post_hook(lambda *_: check.after_step())
@@ -442,20 +450,12 @@ def test_a_persistent_wrong_update_is_caught_at_the_default_rate(monkeypatch):
     per run; the key here is fixed so the test is exact)."""
     import torch.optim.sgd as sgd_module
 
-    original = sgd_module._single_tensor_sgd
-
-    def reversed_sgd(params: list[torch.Tensor], *args: Any, **kwargs: Any) -> None:
-        before = [p.detach().clone() for p in params]
-        original(params, *args, **kwargs)
-        with torch.no_grad():
-            for p, b in zip(params, before, strict=True):
-                p.copy_(b - (p - b))
+    from trainguard.runtime.update_check import DEFAULT_RATE
 
     model = net()
     opt = optim.SGD(model.parameters(), lr=1e-2, foreach=False)
-    check = UpdateCheck(model, opt, 0, clock=lambda: 0, record=print, key=b"c" * 32)
-    opt.register_step_pre_hook(lambda *a: check.before_step())
-    opt.register_step_post_hook(lambda *a: check.after_step())
+    check = attach(model, opt, [], rate=DEFAULT_RATE, key=b"c" * 32)
+    reversed_sgd = scaled(sgd_module._single_tensor_sgd, -1.0)
     monkeypatch.setattr(sgd_module, "_single_tensor_sgd", reversed_sgd)
     gen = torch.Generator().manual_seed(3)
     found = None
@@ -479,20 +479,11 @@ def test_what_is_compared_early_in_a_long_interval_is_reported(monkeypatch):
     from trainguard.runtime import update_check
 
     original = sgd_module._single_tensor_sgd
-
-    def doubled(params: list[torch.Tensor], *args: Any, **kwargs: Any) -> None:
-        before = [p.detach().clone() for p in params]
-        original(params, *args, **kwargs)
-        with torch.no_grad():
-            for p, b in zip(params, before, strict=True):
-                p.copy_(b + 2 * (p - b))
-
+    doubled = scaled(original, 2.0)
     monkeypatch.setattr(update_check, "_MAX_PENDING", 8)
     model = net()
     opt = optim.SGD(model.parameters(), lr=1e-2, foreach=False)
-    check = UpdateCheck(model, opt, 0, clock=lambda: 7, record=print, key=b"e" * 32, rate=1.0)
-    opt.register_step_pre_hook(lambda *a: check.before_step())
-    opt.register_step_post_hook(lambda *a: check.after_step())
+    check = attach(model, opt, [], key=b"e" * 32, step=7)
     gen = torch.Generator().manual_seed(3)
     for step in range(20):
         if step == 2:

@@ -24,7 +24,6 @@ __all__ = [
     "batch_digest",
     "batch_sample",
     "digest",
-    "held_digest",
     "holdable",
     "leaves",
     "sample_leaves",
@@ -124,32 +123,29 @@ def sample_leaves(found: list[tuple[str, torch.Tensor]], copy: bool = True) -> S
 
 
 def _host_digest(sampled: Sampled) -> int:
-    hasher = hashlib.blake2b(digest_size=8)
-    hasher.update(repr(sampled.layout).encode())
-    for sample in sampled.samples:
+    return _hashed(sampled.layout, sampled.samples)
+
+
+def _hashed(layout: list[tuple[str, Any, Any]], samples: list[torch.Tensor | bytes]) -> int:
+    hasher = hashlib.blake2b(_layout_text(layout), digest_size=8)
+    for sample in samples:
         hasher.update(sample if isinstance(sample, bytes) else sample.numpy().tobytes())
     return int.from_bytes(hasher.digest(), "little") & _MASK63
 
 
-#: the layout strings of the batches digested lately (a job's batches share a few layouts)
+#: the layout strings of the batches digested lately (a job's batches share a few layouts:
+#: building the string costs more than hashing a small batch's sample)
 _LAYOUTS: dict[tuple[tuple[str, Any, Any], ...], bytes] = {}
 
 
-def held_digest(found: list[tuple[str, torch.Tensor]]) -> int:
-    """``digest(sample_leaves(found, copy=False))`` for a batch whose tensors are all
-    strided CPU tensors, in fewer calls (the same bytes hashed in the same order): what the
-    check runs for each batch kept since the last one."""
-    layout = tuple((p, t.shape, t.dtype) for p, t in found)
-    text = _LAYOUTS.get(layout)
+def _layout_text(layout: list[tuple[str, Any, Any]]) -> bytes:
+    key = tuple(layout)
+    text = _LAYOUTS.get(key)
     if text is None:
         if len(_LAYOUTS) >= 256:
             _LAYOUTS.clear()
-        text = _LAYOUTS[layout] = repr(list(layout)).encode()
-    hasher = hashlib.blake2b(text, digest_size=8)
-    for _, tensor in found:
-        sample = _cpu_sample(tensor, copy=False)
-        hasher.update(sample if isinstance(sample, bytes) else sample.numpy().tobytes())
-    return (int.from_bytes(hasher.digest(), "little") & _MASK63) | 1
+        text = _LAYOUTS[key] = repr(layout).encode()
+    return text
 
 
 def batch_digest(batch: Any) -> int | torch.Tensor | None:

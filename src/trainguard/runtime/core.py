@@ -33,7 +33,7 @@ from trainguard.runtime.interface import Alert, BaseDetector, Coins, Context, St
 from trainguard.runtime.modelstate import ModelState
 from trainguard.runtime.provenance import Attribution, Origin
 from trainguard.runtime.reporting import _describe
-from trainguard.runtime.selfcheck import SWEEP_EVERY, tampered
+from trainguard.runtime.selfcheck import sweep_due, tampered
 from trainguard.runtime.sensors import AuditSensor, PatchWatch, SeedWatch
 
 _VERSION = operator.attrgetter("_version")
@@ -194,7 +194,7 @@ class SensorChecks(BaseDetector):
             ("the sensors' self-check", self._intact),
             ("the seed sensor", self._seed),
         )
-        if self._checks % SWEEP_EVERY == 1 % SWEEP_EVERY:
+        if sweep_due(self._checks):
             parts = (("the patch sensor", self._patches), ("the hook sensor", self._hooks), *parts)
         for where, part in parts:
             try:

@@ -230,11 +230,6 @@ class DataCheck(BaseDetector):
                     )
                     return
         for batch, tensors in walked:
-            if tensors is not None and all(
-                t.is_cpu and t.layout is torch.strided for _, t in tensors
-            ):
-                self._take(batch, batches.held_digest(tensors))
-                continue
             sampled = None if tensors is None else sample_leaves(tensors, copy=False)
             self._take(batch, None if sampled is None else batches.digest(sampled))
         if any(tensors is None or not small(tensors) for _, tensors in walked):

@@ -40,6 +40,12 @@ from trainguard.runtime.sensors import PatchWatch
 #: undone while no sweep looks is beyond any sweep)
 SWEEP_EVERY = 2
 
+
+def sweep_due(checks: int) -> bool:
+    """Whether the sweeps run at check number ``checks`` (1 for the first)."""
+    return checks % SWEEP_EVERY == 1 % SWEEP_EVERY
+
+
 #: the methods the Guard calls on each detector while training
 PROTOCOL = (
     "before_step",
@@ -141,10 +147,9 @@ class GuardIntegrity(BaseDetector):
 
     def at_check(self) -> None:
         self._checks += 1
-        # trainguard's own modules swept as torch's are (core.SWEEP_EVERY); the bound
-        # methods, at every check
-        sweep = self._checks % SWEEP_EVERY == 1 % SWEEP_EVERY
-        changed = [change for change, _ in self.watch.changes()] if sweep else []
+        # trainguard's own modules swept as torch's are (sweep_due); the bound methods, at
+        # every check
+        changed = [change for change, _ in self.watch.changes()] if sweep_due(self._checks) else []
         changed += [
             f"{type(obj).__name__}.{name} was replaced on the running object"
             for obj, name, func in self.bound
