@@ -337,14 +337,17 @@ def test_skipped_updates_are_caught(tmp_path, owner_key, monkeypatch):
 
 
 def test_noise_added_after_the_real_step_is_caught(tmp_path, owner_key):
-    """(b) ``step`` wrapped on the instance: the real step, then noise added to one
-    parameter through ``p.data`` (no version counter moves)."""
+    """(b) ``step`` wrapped on the instance: the real step, then noise added through
+    ``p.data`` (no version counter moves). Every parameter, so every step's draw lands on
+    the noise: on one parameter the draw misses it with a fixed chance per step (a third,
+    for the first layer here), and a deadline of four steps would fail one run in a hundred."""
     model, opt, guard = guarded(tmp_path, owner_key)
-    real, target = opt.step, next(model.parameters())
+    real = opt.step
 
     def step(*args: Any, **kwargs: Any) -> Any:
         out = real(*args, **kwargs)
-        target.data.add_(torch.randn_like(target) * 1e-3)
+        for p in model.parameters():
+            p.data.add_(torch.randn_like(p) * 1e-3)
         return out
 
     def patch(s: int) -> None:
