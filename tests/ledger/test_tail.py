@@ -3,7 +3,7 @@
 The technique: ``DELETE FROM entries WHERE seq > N`` on a live run (or after it) leaves a
 chain that verifies, and the run writes on from the new end (issue 11, "the ledger's last
 entries"). What the deletion cannot reach is each writer's memory of what it wrote: the
-Guard's checks record it (``ledger.tail``), each rank's closing entry counts its entries.
+Guard's checks record it (``check`` entries), each rank's closing entry counts its entries.
 Real Guards and real processes write real SQLite ledgers; the attacker is sqlite3.
 
 PYTEST_DONT_REWRITE: this file plays the job's own code (see tests/runtime/test_guard.py).
@@ -56,11 +56,11 @@ def kinds(run_dir: Path) -> list[tuple[int, str]]:
 
 
 def records(run_dir: Path, at_least: int = 1) -> list[int]:
-    """The ``ledger.tail`` entries' seqs, once there are ``at_least`` (rank 0 writes them
+    """The ``check`` entries' seqs, once there are ``at_least`` (rank 0 writes them
     from a thread of its own, so that the step never waits for the disk)."""
     deadline = time.monotonic() + 10
     while True:
-        found = [seq for seq, kind in kinds(run_dir) if kind == "ledger.tail"]
+        found = [seq for seq, kind in kinds(run_dir) if kind == "check"]
         if len(found) >= at_least or time.monotonic() > deadline:
             return found
         time.sleep(0.01)
@@ -175,7 +175,7 @@ def test_cut_with_the_closing_entries_reads_as_not_closed(tmp_path, owner, capsy
     guard.close()
     head = tmp_path / "head.json"
     assert main(["ledger", "head", str(run_dir), "-o", str(head)]) == EXIT_CLEAN
-    last_record = max(seq for seq, kind in kinds(run_dir) if kind == "ledger.tail")
+    last_record = max(seq for seq, kind in kinds(run_dir) if kind == "check")
     cut(run_dir, last_record)
     capsys.readouterr()
     assert main(["ledger", "verify", str(run_dir), "--format", "json"]) == EXIT_CLEAN
@@ -216,7 +216,7 @@ def test_resume_rollback_and_a_concurrent_writer_stay_intact(tmp_path, owner):
     assert guard.alerts == []
     report = verify(run_dir, owner_public_key=owner[1])
     assert report.verdict == "intact", report.problems
-    assert sum(kind == "ledger.tail" for _, kind in kinds(run_dir)) >= 10
+    assert sum(kind == "check" for _, kind in kinds(run_dir)) >= 10
 
 
 @pytest.mark.slow
@@ -261,7 +261,7 @@ def test_each_check_records_one_digest_of_every_ranks_data_commitment(tmp_path, 
     model, optimizer, guard = guarded(run_dir, owner[0])
     train(model, optimizer, guard, 10, batches=True)
     guard.close()
-    tails = [e.payload for e in read_entries(run_dir)[0] if e.kind == "ledger.tail"]
+    tails = [e.payload for e in read_entries(run_dir)[0] if e.kind == "check"]
     assert len(tails) == 2
     assert all(len(t["data"]) == 32 for t in tails)
     assert tails[0]["data"] != tails[1]["data"], "the commitment moves with every batch"

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.runtime.test_metrics_log import assert_recorded
 from tests.runtime.worker import AFTER_CHECK, AT, CHECK_BEFORE_SAVE, VICTIM
 from trainguard.cli import main
 
@@ -98,6 +99,8 @@ def test_clean_run_raises_nothing_and_the_ledger_verifies(tmp_path, owner_key):
     assert alerts(run_dir, 0) == []
     assert alerts(run_dir, 1) == []
     assert main(["ledger", "verify", str(run_dir)]) == 0
+    # one check entry per check with both ranks' rows; both metrics files chained into them
+    assert_recorded(run_dir, 2)
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ __all__ = [
 
 PrivateKeyLike = str | os.PathLike[str] | Ed25519PrivateKey
 PublicKeyLike = str | os.PathLike[str] | Ed25519PublicKey
-_PARTS = ("model", "optimizer", "extra", "rng")
+_PARTS = ("model", "optimizer", "extra", "rng", "rng_ranks")
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,16 @@ def save(
     generators: Mapping[str, Any] | None = None,
     key: PrivateKeyLike | None = None,
     ledger: Ledger | None = None,
+    rng_ranks: Sequence[Any] | None = None,
 ) -> SavedCheckpoint:
     """Write a signed checkpoint to ``path`` atomically (temporary file, then rename).
 
     ``model`` / ``optimizer`` are modules and optimizers or their state dicts; ``extra``
     is any tree of tensors and plain values (hyperparameters, scaler state);
     ``data_position`` plain JSON (epoch, batch). ``rng`` saves every RNG state, plus the
-    named ``generators``. Signed with ``key`` (the owner's key) or, without it, with the
+    named ``generators``; ``rng_ranks``, every rank's states (``rng.capture()`` on each,
+    gathered: in a job whose ranks draw different dropout masks, a resume restores each
+    rank's own, see ``load(rank=)``). Signed with ``key`` (the owner's key) or, without it, with the
     ``ledger``'s run key and certificate; with a ledger, a ``checkpoint.saved`` entry
     records the manifest hash.
     """
@@ -135,6 +138,7 @@ def save(
         "optimizer": _state(optimizer),
         "extra": extra,
         "rng": _rng.capture(generators) if rng else None,
+        "rng_ranks": list(rng_ranks) if rng and rng_ranks else None,
     }
     tensors: dict[str, Any] = {}
     structures: dict[str, Any] = {}
@@ -185,6 +189,7 @@ def load(
     restore_rng: bool = True,
     generators: Mapping[str, Any] | None = None,
     accept: Callable[[LoadedCheckpoint], None] | None = None,
+    rank: int | None = None,
 ) -> LoadedCheckpoint:
     """Verify ``path`` and restore it into ``model``, ``optimizer`` and the RNGs.
 
@@ -195,7 +200,9 @@ def load(
     restored, and :class:`CheckpointMismatchError` if it does not fit ``model``. With a
     ledger, the outcome is recorded (``checkpoint.loaded`` or ``checkpoint.refused``).
     ``accept`` is shown what was verified (manifest hash, run, step; no state yet) before
-    anything is rebuilt or restored, and refuses by raising a CheckpointError.
+    anything is rebuilt or restored, and refuses by raising a CheckpointError. ``rank``:
+    restore that rank's own RNG states when the checkpoint holds every rank's (saved with
+    ``rng_ranks``); a rank it holds none for gets the common ones (rank 0's).
     """
     trusted = _trusted(public_key, ledger)
     where = str(Path(path))
@@ -224,6 +231,9 @@ def load(
                 raise CheckpointError(
                     f"{where}: cannot rebuild {part}: {type(exc).__name__}: {str(exc)[:200]}"
                 ) from exc
+    ranks = trees.pop("rng_ranks", None)
+    if rank is not None and isinstance(ranks, list) and 0 <= rank < len(ranks):
+        trees["rng"] = ranks[rank]
     try:
         notes = _fit.restore(
             where,

@@ -374,8 +374,9 @@ def _check_head(head: SignedHead, rows: list[Entry], check: _Checker) -> None:
 
 # --- the tail as the writers remember it (runtime/ledger_tail.py) -------------------------
 
-#: the kind of a record of the writers' tails (written by rank 0 at the Guard's checks)
-TAIL_KIND = "ledger.tail"
+#: the kinds of a record of the writers' tails (written by rank 0 at the Guard's checks):
+#: ``check`` (with the ranks' rows and metrics) and ``ledger.tail`` (older runs)
+TAIL_KINDS = frozenset({"check", "ledger.tail"})
 
 
 class _Claim:
@@ -403,7 +404,7 @@ def _check_tail(rows: list[Entry], check: _Checker) -> None:
         writers.setdefault((actor.host, actor.pid), []).append(entry.seq)
         if entry.seq in bad or entry.defect is not None or not isinstance(payload, dict):
             continue
-        if entry.kind == TAIL_KIND:
+        if entry.kind in TAIL_KINDS:
             for item in payload.get("tails") or ():
                 claim = _parse_claim(item[1:] if isinstance(item, list) else None, entry)
                 if claim is not None:

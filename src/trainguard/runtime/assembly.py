@@ -17,6 +17,7 @@ from trainguard.runtime.core import LedgerWatch, OptimizerWatch, SensorChecks
 from trainguard.runtime.dynamics import NonFinite, RobustAnomaly
 from trainguard.runtime.interface import Context, GuardError
 from trainguard.runtime.liveness import Watchdog
+from trainguard.runtime.metrics_log import MetricsLog
 from trainguard.runtime.provenance import Provenance
 from trainguard.runtime.sensors import AuditSensor, SeedWatch, arm
 from trainguard.runtime.update_check import UpdateCheck
@@ -52,6 +53,7 @@ def install(
     guard.provenance.watch_threads()
     guard.provenance.on_fault = guard._sensor_failed
     guard._pending = []
+    guard._metrics = MetricsLog(guard.run_dir, guard.rank)
     # seeding before the guard starts is the job's own; the seed in force now is the
     # baseline (ranks often seed differently: seed + rank)
     guard.seeds = SeedWatch(

@@ -30,6 +30,7 @@ def save(guard: Guard, path: str | os.PathLike[str], **extra: Any) -> Any:
 
     saved = None
     failed: Error | None = None
+    ranks = _every_rank_rng(guard)
     if guard.rank == 0:
         try:
             saved = checkpoint.save(
@@ -40,6 +41,7 @@ def save(guard: Guard, path: str | os.PathLike[str], **extra: Any) -> Any:
                 data_position={"step": guard._step},
                 extra=extra or None,
                 ledger=guard.ledger,
+                rng_ranks=ranks,
             )
         except Error as exc:  # a full disk, say: the other ranks wait in the barrier first
             failed = exc
@@ -92,6 +94,7 @@ def load(
             optimizer=guard.optimizer,
             ledger=guard.ledger,
             accept=lambda found: lineage(guard.ledger, found, rollback=rollback, fork=fork),
+            rank=guard.rank,
         )
     except CheckpointError as exc:
         alert = Alert(
@@ -204,6 +207,50 @@ def restored(guard: Guard, rollback: bool) -> None:
     guard._done = False
     guard._each("after a restore", "reset", may_halt=False)
     guard._stepped = False  # restoring RNG states after a resume is set-up too
+
+
+def _every_rank_rng(guard: Guard) -> list[Any] | None:
+    """Every rank's RNG states, on rank 0 (None on the others, and in a one-rank job):
+    ranks that draw different dropout masks each resume their own. They cross ranks as
+    bytes the checkpoint's own encoder wrote (safetensors and JSON), never as a pickle,
+    in two collectives every rank enters alike; a state rank 0 cannot read leaves the
+    checkpoint with the common states only (a note in the log), never a hang."""
+    import json
+
+    import torch.distributed as dist
+    from safetensors.torch import load as read_tensors
+    from safetensors.torch import save as write_tensors
+
+    from trainguard.artifacts.convert import decode_structure, encode_tree
+    from trainguard.checkpoint import rng as _rng
+
+    if guard.world == 1 or not dist.is_initialized():
+        return None
+    named, structure = encode_tree(_rng.capture())
+    head = json.dumps(structure).encode()
+    blob = len(head).to_bytes(8, "little") + head + write_tensors(named)
+    mine = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(guard.device)
+    size = torch.tensor([mine.numel()], dtype=torch.int64, device=guard.device)
+    sizes = [torch.zeros_like(size) for _ in range(guard.world)]
+    dist.all_gather(sizes, size, group=guard.group)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=guard.device)
+    padded[: mine.numel()] = mine
+    gathered = [torch.empty_like(padded) for _ in range(guard.world)]
+    dist.all_gather(gathered, padded, group=guard.group)
+    if guard.rank != 0:
+        return None
+    states = []
+    try:
+        for length, data in zip(sizes, gathered, strict=True):
+            raw = data[: int(length)].cpu().numpy().tobytes()
+            n = int.from_bytes(raw[:8], "little")
+            tensors = read_tensors(raw[8 + n :])
+            states.append(decode_structure(json.loads(raw[8 : 8 + n]), tensors))
+    except Exception as exc:
+        guard._sensor_failed("reading the ranks' RNG states for the checkpoint", exc)
+        return None
+    return states
 
 
 # --- closing -------------------------------------------------------------------------

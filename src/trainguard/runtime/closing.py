@@ -60,6 +60,9 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
             guard._gathering = None  # the peers may never complete it: not waited for
     if getattr(guard, "_pending", None) is not None:
         attempt("reading the last steps", guard._drain)  # the steps since the last check
+    if getattr(guard, "_metrics", None) is not None:
+        attempt("writing the per-step metrics file", guard._write_metrics)
+        attempt("closing the per-step metrics file", guard._metrics.close)
     if guard.ledger is not None:
         attempt("looking for peers that are gone", lambda: report_gone_peers(guard))
         watch = getattr(guard, "ledger_watch", None)
@@ -119,9 +122,14 @@ def _finish_check(guard: Guard) -> None:
 
 
 def _rank_payload(guard: Guard, payload: dict[str, Any]) -> dict[str, Any]:
-    """A rank's closing entry also says which entries it wrote (ledger_tail.py)."""
+    """A rank's closing entry also says which entries it wrote (ledger_tail.py) and
+    what it wrote to its per-step metrics file (metrics_log.py)."""
     mine = ledger_tail.closing_values(guard.ledger)
-    return payload if mine is None else {**payload, "ledger": mine}
+    out = payload if mine is None else {**payload, "ledger": mine}
+    metrics = getattr(guard, "_metrics", None)
+    if metrics is not None:
+        out = {**out, "metrics": metrics.closing()}
+    return out
 
 
 def problem(guard: Guard, what: str, exc: BaseException | str) -> None:

@@ -107,6 +107,12 @@ TABLE: tuple[Field, ...] = (
     # one pair per slot: grad_check.SLOTS of them
     *(Field(f"grad_norm_{i}", "gradients") for i in range(4)),
     *(Field(f"grad_cos_{i}", "gradients") for i in range(4)),
+    # what the incident report plots (recorded in the ledger's check entry, never compared):
+    # the chain over this rank's per-step metrics file (metrics_log.py), the interval's
+    # mean gradient norm (float bits) and mean wall time per step
+    Field("metrics_chain", "guard"),
+    Field("grad_norm_mean", "guard"),
+    Field("wall_us", "guard"),
 )
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in TABLE)

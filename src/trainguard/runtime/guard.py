@@ -53,6 +53,7 @@ from trainguard.runtime.interface import (
     StepInfo,
 )
 from trainguard.runtime.liveness import SignalWatch, Watchdog
+from trainguard.runtime.metrics_log import MetricsLog, chain_bits
 from trainguard.runtime.notify import Notifier
 from trainguard.runtime.provenance import Provenance
 from trainguard.runtime.reporting import Reporting, _describe
@@ -77,7 +78,8 @@ class Guard(Reporting):
     _loss: RobustAnomaly
     _params: list[torch.Tensor]
     _hook_handles: list[Any]
-    _pending: list[tuple[int, Any, Any, list[float], list[float] | None]]
+    _pending: list[tuple[int, Any, Any, list[float], list[float] | None, float]]
+    _metrics: MetricsLog
     _straggler: agreement.Straggler
     _tail: ledger_tail.TailRecord
     _compared: frozenset[str]
@@ -255,15 +257,22 @@ class Guard(Reporting):
         try:
             self.watchdog.beat()
             opt = self.optimizer_watch
+            # busy time: the step's wall time less the time spent waiting in collectives
+            busy = max(0.0, entered - self._last_end - self.comm.take_wait())
             # values stay on their device until the check: no synchronisation per step
             self._pending.append(
-                (self._step, _detached(loss), _detached(grad_norm), opt.lr_used, opt.lr_expected)
+                (
+                    self._step,
+                    _detached(loss),
+                    _detached(grad_norm),
+                    opt.lr_used,
+                    opt.lr_expected,
+                    busy,
+                )
             )
             if self.world == 1 and not isinstance(loss, torch.Tensor):
                 self._drain()
-            # busy time: the step's wall time less the time spent waiting in collectives
-            busy = entered - self._last_end - self.comm.take_wait()
-            self._busy_window.append(max(0.0, busy))
+            self._busy_window.append(busy)
         except Exception as exc:
             self._guard_failed(exc, "the step's checks", may_halt=False)
         self._each("at the step", "observe", loss, batch, may_halt=False)
@@ -297,13 +306,25 @@ class Guard(Reporting):
         pending, self._pending = self._pending, []
         if not pending:
             return
-        values = [v for _, loss, norm, _, _ in pending for v in (loss, norm)]
+        values = [v for _, loss, norm, *_ in pending for v in (loss, norm)]
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         numbers = iter(_resolved(tensors)) if tensors else None
         resolved = [next(numbers) if isinstance(v, torch.Tensor) and numbers else v for v in values]
-        for i, (step, _, _, lr, wanted) in enumerate(pending):
-            info = StepInfo(step, resolved[2 * i], list(lr), resolved[2 * i + 1], wanted)
+        metrics = self._metrics
+        for i, (step, _, _, lr, wanted, busy) in enumerate(pending):
+            loss, norm = resolved[2 * i], resolved[2 * i + 1]
+            metrics.add(step, loss, norm, lr[0] if lr else None, busy)
+            info = StepInfo(step, loss, list(lr), norm, wanted)
             self._each("at the check", "on_step", info, may_halt=False)
+
+    def _write_metrics(self) -> None:
+        """The per-step metrics lines since the last check, one chunk (metrics_log.py)."""
+        if self._metrics.failed is not None:
+            return  # reported once, when it failed
+        try:
+            self._metrics.flush()
+        except OSError as exc:
+            self._sensor_failed("writing the per-step metrics file", exc)
 
     def _check(self) -> None:
         # the collective below is entered whatever happened here (the peers are in it)
@@ -311,6 +332,7 @@ class Guard(Reporting):
             self._drain()
         except Exception as exc:
             self._guard_failed(exc, "the dynamics detectors", may_halt=False)
+        self._write_metrics()
         self._each("at the check", "at_check", may_halt=False)
         row = self._fingerprint()
         entered = time.perf_counter()
@@ -379,6 +401,7 @@ class Guard(Reporting):
 
     def _row(self) -> torch.Tensor:
         rng = rng_hashes()
+        grad_norm, wall = self._metrics.interval()
         values: dict[str, Any] = {
             **self._own_values(),
             "rng_torch": rng["torch"],
@@ -390,6 +413,9 @@ class Guard(Reporting):
             "loss_drift": float_bits(self._loss.drift()),
             **ledger_tail.row_values(self.ledger),
             "params": params_hash(self.model),
+            "metrics_chain": chain_bits(self._metrics.link),
+            "grad_norm_mean": float_bits(grad_norm),
+            "wall_us": int(wall * 1e6),
         }
         for detector in self.detectors:
             values.update(detector.row())

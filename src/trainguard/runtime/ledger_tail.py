@@ -5,11 +5,12 @@ verifies, and writing simply goes on from the new end. What such a deletion cann
 reach is each rank's memory of what it wrote (kept by its :class:`Ledger`: the
 (seq, hash) of the highest entry it wrote, and the number it was handed out again if
 the end went back). Every check carries that memory in three fields of the fingerprint
-row; rank 0 records the values that changed in one ``ledger.tail`` entry, and each
-rank's closing entry carries its own (how many entries it wrote, its first and last).
-The same entry carries one digest of every rank's data commitment at the check (``data``,
-its size independent of the ranks), for replay: one entry per check, written off the
-training thread.
+row; rank 0 records the values that changed in one ``check`` entry (``ledger.tail`` in
+older runs), and each rank's closing entry carries its own (how many entries it wrote,
+its first and last). The same entry carries one digest of every rank's data commitment at
+the check (``data``), for replay, and what the incident report reads: every rank's row as
+gathered, the check's metrics per rank and each rank's per-step metrics chain
+(metrics_log.py). One entry per check, written off the training thread.
 ``trainguard ledger verify`` checks them: a recorded (seq, hash) proves that entry
 existed, a count proves how many a rank wrote. See docs/ledger.md, "The tail".
 """
@@ -17,21 +18,27 @@ existed, a count proves how many a rank wrote. See docs/ledger.md, "The tail".
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 from typing import TYPE_CHECKING, Any
 
 from trainguard.errors import Severity
+from trainguard.runtime.fingerprint import bits_float
 from trainguard.runtime.interface import Alert
+from trainguard.runtime.metrics_log import bits_link
 
 if TYPE_CHECKING:
     from trainguard.runtime.guard import Guard
 
-#: the kind of rank 0's record of the ranks' tails at a check
+#: the kind of rank 0's one entry per check: the ranks' tails, rows and metrics
+CHECK_KIND = "check"
+#: the kind of the same record before it held the rows (read by ``ledger verify``)
 TAIL_KIND = "ledger.tail"
 #: the fingerprint fields this module fills (declared in ``agreement.FIELDS``)
 ROW_FIELDS = ("tail_seq", "tail_hash", "tail_cut")
 _MASK = (1 << 64) - 1
+_METRICS = ("data_loss", "grad_norm_mean", "lr0", "busy_us", "wall_us", "metrics_chain")
 
 
 def hash_bits(digest: str) -> int:
@@ -55,6 +62,30 @@ def row_values(ledger: Any) -> dict[str, int]:
     }
 
 
+def _float(bits: int) -> float | None:
+    value = bits_float(bits)
+    return value if math.isfinite(value) else None
+
+
+def check_values(rows: list[list[int]], index: dict[str, int], severity: int) -> dict[str, Any]:
+    """What a ``check`` entry holds besides the tails: every rank's row as gathered, the
+    check's metrics per rank (for the incident report) and each rank's metrics chain."""
+    column = {name: [row[index[name]] for row in rows] for name in _METRICS}
+    return {
+        "fields": list(index),
+        "rows": rows,
+        "severity": severity,
+        "metrics": {
+            "loss": [_float(b) for b in column["data_loss"]],
+            "grad_norm": [_float(b) for b in column["grad_norm_mean"]],
+            "lr": [_float(b) for b in column["lr0"]],
+            "busy_s": [v / 1e6 for v in column["busy_us"]],
+            "wall_s": [v / 1e6 for v in column["wall_us"]],
+        },
+        "metrics_chain": [bits_link(v) for v in column["metrics_chain"]],
+    }
+
+
 def closing_values(ledger: Any) -> dict[str, Any] | None:
     """What a rank's closing entry says about the entries it wrote (None: nothing)."""
     first = getattr(ledger, "first_claim", None)
@@ -74,7 +105,7 @@ def closing_values(ledger: Any) -> dict[str, Any] | None:
 class TailRecord:
     """What the check does with the tail fields, held by each rank's Guard.
 
-    Rank 0 writes one ``ledger.tail`` entry per check with the values that changed since
+    Rank 0 writes one ``check`` entry per check with the tail values that changed since
     its last record (a rank's value changes only when it writes; rank 0's own at every
     record, which is also how rank 0 finds out, by writing, that the end went back). The
     write waits for the disk (a durable append: milliseconds), so a thread of its own does
@@ -100,7 +131,7 @@ class TailRecord:
     def _run(self, guard: Guard) -> None:
         while (payload := self._queue.get()) is not None:
             try:
-                guard.ledger.append(TAIL_KIND, payload, rank=guard.rank)
+                guard.ledger.append(CHECK_KIND, payload, rank=guard.rank)
             except Exception as exc:  # noqa: PERF203 - each record on its own
                 guard._sensor_failed("writing the ledger's tail record", exc)
 
@@ -132,8 +163,8 @@ class TailRecord:
         ledger = guard.ledger
         if guard.rank == 0:
             payload = self.payload(guard.at, rows, index)
-            if payload["tails"] or "data" in payload:
-                self._write(guard, payload)
+            payload.update(check_values(rows, index, guard._compared_severity))
+            self._write(guard, payload)
         cut = getattr(ledger, "cut_from", None)
         if cut is None or self.cut_reported:
             return
