@@ -642,6 +642,84 @@ def ledger_show(run_dir: str, kinds: tuple[str, ...], fmt: str) -> int:
     return EXIT_CLEAN
 
 
+# --- replay ---
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--from",
+    "checkpoint",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="A checkpoint the run signed and recorded: the replay starts there.",
+)
+@click.option("--to", "stop", type=click.IntRange(min=1), help="Stop the job at this step.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="The replay's own run folder (default: RUN_DIR.replay-TIME beside the run).",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Relative difference allowed per value (0: bit for bit; for GPUs without "
+    "deterministic algorithms).",
+)
+@click.option("-o", "--output", "target", type=click.Path(dir_okay=False), help="Write here.")
+@_format_option()
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def replay(
+    run_dir: str,
+    checkpoint: str,
+    stop: int | None,
+    out: str | None,
+    tolerance: float,
+    target: str | None,
+    fmt: str,
+    command: tuple[str, ...],
+) -> int:
+    """Re-run the job from a signed checkpoint and find the first step that differs.
+
+    Usage: trainguard replay RUN_DIR --from CKPT [--to STEP] -- COMMAND...
+
+    COMMAND is the job's own command for a resume from CKPT (its Guard finds the replay
+    plan in TRAINGUARD_REPLAY). Exit status: 0 the replay reproduces the record, 1 it
+    diverges (the verdict names the first step, the ranks and what differs), 2 error.
+    """
+    from pathlib import Path
+
+    from trainguard import replay as replaying
+
+    verdict, _, plan = replaying.replay(
+        Path(run_dir),
+        Path(checkpoint),
+        command,
+        stop=stop,
+        out=Path(out) if out else None,
+        tolerance=tolerance,
+    )
+    if fmt == "json":
+        document = json.dumps({"replay": plan.folder, **verdict.to_json()}, indent=2) + "\n"
+    else:
+        document = replaying.text(verdict) + f"\nreplay run: {plan.folder}\n"
+    if target is not None:
+        from trainguard._io import write_atomic
+
+        write_atomic(target, document.encode("utf-8"), what="replay verdict")
+    elif fmt == "json":
+        sys.stdout.write(document)
+        sys.stdout.flush()
+    else:
+        for line in document.rstrip("\n").split("\n"):
+            _say(_shown(line))
+    if verdict.last_step is None:
+        return EXIT_ERROR
+    return EXIT_FINDINGS if verdict.diverged else EXIT_CLEAN
+
+
 # --- entry points -------------------------------------------------------------------
 
 

@@ -2,9 +2,10 @@
 resumed from a checkpoint; each rank writes its per-step losses.
 
 ``python -m tests.runtime.replay_worker RANK WORLD PORT RUN_DIR KEY STEPS [--save-at K]
-[--resume CKPT] [--attack-at S]``. Batches are a pure function of (step, rank), so a
-resumed run sees the batches the uninterrupted one saw; dropout comes from the global
-generator, seeded per rank, which only the checkpoint's per-rank RNG states carry over.
+[--resume CKPT] [--attack-at S]`` (``env env env ...`` under torchrun). Batches are a
+pure function of (step, rank), so a resumed run sees the batches the uninterrupted one
+saw; dropout comes from the global generator, seeded per rank, which only the
+checkpoint's per-rank RNG states carry over.
 ``--attack-at S`` scales rank 1's parameters by 1.001 after its optimizer step S (through
 ``p.data``, an in-process edit). Writes ``losses-rank{R}.json``.
 """
@@ -24,7 +25,11 @@ def main() -> None:
 
     import trainguard
 
-    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    if sys.argv[1] == "env":  # launched by torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        port = os.environ["MASTER_PORT"]
+    else:
+        rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     run_dir, key, steps = Path(sys.argv[4]), sys.argv[5], int(sys.argv[6])
     options = sys.argv[7:]
     save_at = int(options[options.index("--save-at") + 1]) if "--save-at" in options else None

@@ -88,7 +88,7 @@ def install(
         comm=guard.comm,
         shared_key=os.urandom(32),
         events=lambda: guard.events,
-        options={"loader": loader, "seed": seed, **rates},
+        options={"loader": loader, "seed": seed, "every": guard.every, **rates},
     )
     guard.optimizer_watch = OptimizerWatch(ctx, lr_schedule)
     guard._loss = RobustAnomaly("loss-anomaly", lambda i: i.loss, guard.rank)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainguard.errors import Error, Severity
+from trainguard.runtime import replay_mode
 from trainguard.runtime.interface import Alert, GuardHalt
 
 if TYPE_CHECKING:
@@ -93,7 +94,13 @@ def load(
             model=_unwrap(guard.model),
             optimizer=guard.optimizer,
             ledger=guard.ledger,
-            accept=lambda found: lineage(guard.ledger, found, rollback=rollback, fork=fork),
+            accept=lambda found: lineage(
+                guard.ledger,
+                found,
+                rollback=rollback,
+                # a replay starts a run of its own from the replayed run's checkpoint
+                fork=fork or replay_mode.is_start(guard, found.manifest_hash),
+            ),
             rank=guard.rank,
         )
     except CheckpointError as exc:

@@ -47,6 +47,12 @@ STATE_EVERY = 4
 WATCH_RATE = 1 / 8
 
 
+def state_fresh(step: int, every: int) -> bool:
+    """Whether the check at ``step`` hashes the optimizer state afresh (else its row holds
+    the last hash taken): the first check of a run from step 0, then every STATE_EVERY."""
+    return (step // max(1, every)) % STATE_EVERY == 1 % STATE_EVERY
+
+
 class OptimizerWatch(BaseDetector):
     """Settings, learning rate, the gradients the step reads and the parameters it writes."""
 
@@ -63,7 +69,6 @@ class OptimizerWatch(BaseDetector):
             self.managed = scheduler_keys(lr_schedule)
         elif lr_schedule is not None:
             self.lr = LearningRate(lr_schedule, ctx.rank)
-        self._checks = 0
         self._coin = Coins(b"optimizer-gap", ctx.options.get("watch_rate", WATCH_RATE))
         self._watched = False
         self.reset()
@@ -152,10 +157,11 @@ class OptimizerWatch(BaseDetector):
             self._written("their values or storage")
 
     def row(self) -> Mapping[str, Any]:
-        if self._checks % STATE_EVERY == 0:
-            # the optimizer state is three times the parameters: hashed every few checks
+        if state_fresh(self.ctx.at(), self.ctx.options.get("every", 1)):
+            # the optimizer state is three times the parameters: hashed every few checks,
+            # chosen by the step, so a resumed run (and its replay) hashes where the
+            # original did
             self._state_hash = optimizer_state_hash(self.optimizer).to(self.ctx.device)
-        self._checks += 1
         return {
             "hyperparameters": self._hyper,
             "lr": text_hash(repr(self.lr_used)),

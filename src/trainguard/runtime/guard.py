@@ -37,7 +37,15 @@ from typing import Any
 import torch
 
 from trainguard.errors import Error, Severity
-from trainguard.runtime import agreement, assembly, checkpoints, closing, ledger_tail, selfcheck
+from trainguard.runtime import (
+    agreement,
+    assembly,
+    checkpoints,
+    closing,
+    ledger_tail,
+    replay_mode,
+    selfcheck,
+)
 from trainguard.runtime.assembly import _detached, _dist, unwrap_optimizer
 from trainguard.runtime.comm import CommTimer
 from trainguard.runtime.core import WATCH_RATE, LedgerWatch, OptimizerWatch
@@ -124,8 +132,10 @@ class Guard(Reporting):
         self.model = model
         # accelerate's and Lightning's wrappers delegate to the optimizer that steps
         self.optimizer = optimizer = unwrap_optimizer(optimizer)
+        #: the plan when ``trainguard replay`` runs this job (its run goes to the plan's folder)
+        self.replay = replay_mode.plan_from_env()
         # absolute: the job may change its working folder during training
-        self.run_dir = Path(os.path.abspath(run_dir))
+        self.run_dir = Path(os.path.abspath(self.replay.folder if self.replay else run_dir))
         self.every, self.policy, self.halt_at, self.group = every, policy, halt_at, group
         self.rank, self.world = _dist()
         self.alerts: list[Alert] = []
@@ -193,6 +203,7 @@ class Guard(Reporting):
                     "policy": policy,
                     "seed": seed,
                     **env_summary,
+                    **({"replay": self.replay.describe()} if self.replay else {}),
                 },
                 rank=self.rank,
             )
@@ -300,6 +311,8 @@ class Guard(Reporting):
             self.overhead_seconds += self._last_end - entered
             with contextlib.suppress(Exception):
                 self.overhead_seconds += self.comm.take_own()  # the all-reduce sensor's
+        if self.replay is not None:
+            replay_mode.stop_if_due(self)
 
     def _drain(self) -> None:
         """Run the detectors over the steps since the last check (one sync for all)."""
