@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -66,6 +67,13 @@ def _options(cmd: argparse.ArgumentParser, matrix: bool) -> None:
         default="auto",
         help="jobs per launch: batch shares one process group, isolate launches each (auto: "
         "batch without the Guard, isolate with it)",
+    )
+    cmd.add_argument(
+        "--forensics",
+        choices=["on", "off"],
+        default="on",
+        help="with --guard on: score the incident report of every scenario run and replay "
+        "the in-process attacks (benchmarks/sabotage/forensics.py); default on",
     )
     cmd.add_argument(
         "--guard-loader",
@@ -440,6 +448,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     bench = run_all(settings, scenarios)
     results = assemble(bench, scenarios, started)
+    if settings.guard and args.forensics == "on" and results["scenarios"]:
+        from benchmarks.sabotage import forensics
+        from benchmarks.sabotage.runner import REPO
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SABOTAGE_")}
+        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **bench.guard_env)
+        results["forensics"] = forensics.score(bench, results, env)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"\nwrote {args.out / 'results.json'} in {results['timings']['total_s']:.0f} s")

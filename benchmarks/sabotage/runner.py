@@ -40,6 +40,17 @@ from benchmarks.sabotage.scenarios import Scenario
 REPO = Path(__file__).resolve().parents[2]
 
 
+#: the checkpoints a guarded scenario run saves, relative to the injection, in check
+#: intervals: one clean (before it), one the incident report must say not to resume
+SAVE_OFFSETS = (-0.5, 1.5)
+
+
+def saves(inject: int, every: int, steps: int) -> list[int]:
+    """The completed-step counts a guarded scenario run checkpoints at."""
+    found = [inject + int(offset * every) for offset in SAVE_OFFSETS]
+    return [k for k in found if 0 < k < steps]
+
+
 @dataclass
 class Settings:
     out: Path
@@ -106,6 +117,8 @@ class Bench:
     def config(self, base: str, **overrides: Any) -> JobConfig:
         s = self.s
         cfg = JobConfig(steps=s.steps, seed=s.seed, preset=s.preset, guard_every=s.every)
+        if s.guard:  # the checkpoints the incident report is scored on (forensics.py)
+            cfg = dataclasses.replace(cfg, save_at=saves(s.inject_step, s.every, s.steps))
         return dataclasses.replace(cfg, **BASES[base], **overrides)
 
     @staticmethod

@@ -152,6 +152,9 @@ class Verdict:
     check: int | None = None  # the first check whose rows differ
     fields: dict[str, list[int]] = field(default_factory=dict)
     cause: str = ""
+    #: the step whose action the divergence is put down to: the step itself for another
+    #: learning rate or other data, the step before for another state entering it
+    cause_step: int | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -194,7 +197,16 @@ def compare(original: Record, replay: Record, start: int, tolerance: float = 0.0
         verdict.reproduced_to = step
     _compare_checks(original, replay, start, verdict)
     verdict.cause = _cause(verdict)
+    verdict.cause_step = _cause_step(verdict)
     return verdict
+
+
+def _cause_step(v: Verdict) -> int | None:
+    if v.step is None:
+        return None
+    what = {name for values in v.values.values() for name in values}
+    data = "data_commit" in v.fields or "data_interval" in v.fields
+    return v.step if "lr" in what or data else v.step - 1
 
 
 def _compare_checks(original: Record, replay: Record, start: int, verdict: Verdict) -> None:
