@@ -610,36 +610,180 @@ def ledger_head(run_dir: str, output: str | None, fmt: str) -> int:
 @ledger.command("show")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--kind", "kinds", multiple=True, help="Only entries of this kind (repeatable).")
+@click.option("--exclude-kind", "excluded", multiple=True, help="Leave out this kind (repeatable).")
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Also the routine sensor.event entries (hidden unless asked, or named by --kind).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the listing (in --format) to FILE; replaced if it is a regular file.",
+)
 @_format_option()
-def ledger_show(run_dir: str, kinds: tuple[str, ...], fmt: str) -> int:
-    """List RUN_DIR's entries (not verified: run `ledger verify` for that)."""
+def ledger_show(
+    run_dir: str,
+    kinds: tuple[str, ...],
+    excluded: tuple[str, ...],
+    show_all: bool,
+    output: str | None,
+    fmt: str,
+) -> int:
+    """List RUN_DIR's entries, whole (not verified: run `ledger verify` for that).
+
+    In text, routine ``sensor.event`` entries (the job's own code compiling, a DataLoader
+    made) are hidden unless --all or --kind sensor.event, and counted; JSON lists every
+    entry the kind filters let through.
+    """
     from trainguard.ledger import open_backend
 
+    target = None
+    if output is not None:
+        from trainguard._io import check_output
+
+        target = check_output(output, force=True, what="listing")
+    hide = not show_all and fmt == "text" and "sensor.event" not in kinds
+    routine = ("sensor.event",) if hide else ()
+    hidden = 0
     store = open_backend(run_dir, readonly=True)
     try:
-        entries = [e for e in store.entries() if not kinds or e.kind in kinds]
+        entries = []
+        for e in store.entries():
+            if (kinds and e.kind not in kinds) or e.kind in excluded:
+                continue
+            if e.kind in routine:
+                hidden += 1
+                continue
+            entries.append(e)
     finally:
         store.close()
     if fmt == "json":
-        _emit_json({"entries": [e.to_dict() for e in entries]})
-        return EXIT_CLEAN
-    for entry in entries:
-        data = entry.to_dict()
-        actor = data["actor"]
-        who = (
-            f"{actor['user']}@{actor['host']} pid {actor['pid']}"
-            + (f" rank {actor['rank']}" if actor.get("rank") is not None else "")
-            if isinstance(actor, dict)
-            else str(actor)
+        lines = [json.dumps({"entries": [e.to_dict() for e in entries]}, indent=2)]
+    else:
+        lines = []
+        for entry in entries:
+            data = entry.to_dict()
+            actor = data["actor"]
+            who = (
+                f"{actor['user']}@{actor['host']} pid {actor['pid']}"
+                + (f" rank {actor['rank']}" if actor.get("rank") is not None else "")
+                if isinstance(actor, dict)
+                else str(actor)
+            )
+            line = f"{entry.seq:>6}  {entry.time}  {entry.kind:<18} {who}  {entry.payload_json}"
+            lines.append(_shown(line))
+        lines.append(
+            f"{len(entries)} entries"
+            + (
+                f" ({hidden} routine sensor.event entries hidden: --all shows them)"
+                if hidden
+                else ""
+            )
         )
-        payload = (
-            entry.payload_json
-            if len(entry.payload_json) <= 120
-            else entry.payload_json[:117] + "..."
-        )
-        _say(f"{entry.seq:>6}  {entry.time}  {entry.kind:<18} {who}  {payload}")
-    _say(f"{len(entries)} entries")
+    if target is not None:
+        from trainguard._io import write_atomic
+
+        write_atomic(target, ("\n".join(lines) + "\n").encode("utf-8"), what="listing")
+        _say(f"{len(entries)} entries written to {_shown(str(target))}")
+    elif fmt == "json":
+        sys.stdout.write(lines[0] + "\n")
+        sys.stdout.flush()
+    else:
+        for line in lines:
+            _say(line)
     return EXIT_CLEAN
+
+
+# --- report ---
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path())
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "html"]),
+    default="text",
+    show_default=True,
+    help="text on stderr, or one JSON or HTML document on stdout (or FILE).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the report (in --format) to FILE; replaced if it is a regular file.",
+)
+@click.option(
+    "--gpus-per-rank",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="GPUs each rank held (for the GPU-hours lost).",
+)
+@click.option(
+    "--cost-per-gpu-hour",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Price of one GPU-hour: the report adds the cost of the time lost.",
+)
+@click.option(
+    "--head",
+    "heads",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A head kept elsewhere (repeatable), as for `ledger verify`.",
+)
+@click.option("--pubkey", type=click.Path(dir_okay=False), help="The owner's public key.")
+def report(
+    run_dir: str,
+    fmt: str,
+    output: str | None,
+    gpus_per_rank: int,
+    cost_per_gpu_hour: float | None,
+    heads: tuple[str, ...],
+    pubkey: str | None,
+) -> int:
+    """Incidents and damage of RUN_DIR, from its verified ledger (see docs/report.md).
+
+    Exit status: 0 clean run, 1 incidents found or ledger not intact (tampered, cut or
+    not closed), 2 error.
+    """
+    from trainguard.report import build_report, render_html, render_text
+
+    target = None
+    if output is not None:
+        from trainguard._io import check_output
+
+        target = check_output(output, force=True, what="report")
+    built = build_report(
+        run_dir,
+        heads=heads,
+        owner_public_key=pubkey,
+        gpus_per_rank=gpus_per_rank,
+        cost_per_gpu_hour=cost_per_gpu_hour,
+    )
+    if fmt == "json":
+        document = json.dumps(built.to_dict(), indent=2) + "\n"
+    elif fmt == "html":
+        document = render_html(built)
+    else:
+        document = render_text(built)
+    if target is not None:
+        from trainguard._io import write_atomic
+
+        write_atomic(target, document.encode("utf-8"), what="report")
+        verdict = render_text(built).rstrip("\n").rsplit("\n", 1)[-1]
+        _say(f"{verdict}; report written to {_shown(str(target))}")
+    elif fmt == "text":
+        for line in document.rstrip("\n").split("\n"):
+            _say(_shown(line))
+    else:
+        sys.stdout.write(document)
+        sys.stdout.flush()
+    return EXIT_CLEAN if built.clean else EXIT_FINDINGS
 
 
 # --- replay ---
