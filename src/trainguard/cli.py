@@ -737,6 +737,13 @@ def ledger_show(
     help="A head kept elsewhere (repeatable), as for `ledger verify`.",
 )
 @click.option("--pubkey", type=click.Path(dir_okay=False), help="The owner's public key.")
+@click.option(
+    "--replay",
+    "replays",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="A replay's folder to include (repeatable); those beside RUN_DIR are found anyway.",
+)
 def report(
     run_dir: str,
     fmt: str,
@@ -745,6 +752,7 @@ def report(
     cost_per_gpu_hour: float | None,
     heads: tuple[str, ...],
     pubkey: str | None,
+    replays: tuple[str, ...],
 ) -> int:
     """Incidents and damage of RUN_DIR, from its verified ledger (see docs/report.md).
 
@@ -764,6 +772,7 @@ def report(
         owner_public_key=pubkey,
         gpus_per_rank=gpus_per_rank,
         cost_per_gpu_hour=cost_per_gpu_hour,
+        replays=replays,
     )
     if fmt == "json":
         document = json.dumps(built.to_dict(), indent=2) + "\n"

@@ -346,4 +346,7 @@ def replay(
     verdict = compare(read_record(run_dir), read_record(Path(plan.folder)), plan.start, tolerance)
     if status != 0:
         verdict.notes.append(f"the command exited with status {status}")
+    # beside the replay's run, for the incident report (report/replays.py)
+    document = {"plan": plan.describe(), "text": text(verdict), **verdict.to_json()}
+    (Path(plan.folder) / "replay-verdict.json").write_text(json.dumps(document, indent=1))
     return verdict, status, plan

@@ -76,3 +76,12 @@ def test_replay_finds_the_first_step_that_differs_and_the_rank(tmp_path, owner_k
     assert f"the update of step {ATTACK_AT}" in verdict["cause"]
     assert verdict["check"] == 15
     assert "params" in verdict["fields"]
+    # the incident report shows the replay's verdict
+    shown = subprocess.run(
+        [sys.executable, "-m", "trainguard", "report", str(run_dir), "--format", "json",
+         "--replay", str(tmp_path / "replay")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    (found,) = json.loads(shown.stdout)["replays"]
+    assert found["step"] == ATTACK_AT + 1
+    assert "first divergence at step 14 on rank(s) 1" in found["text"]

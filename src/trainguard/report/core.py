@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainguard.report import metrics as _metrics
+from trainguard.report import replays as _replays
 from trainguard.report.damage import Damage, assess
 from trainguard.report.incidents import TEXT_ALERTS, Incident, group, shown
 from trainguard.report.model import RunModel, read_run
@@ -29,6 +30,8 @@ class Report:
     step_time: _metrics.Series | None
     agreement: _metrics.Agreement | None
     notes: list[str] = field(default_factory=list)
+    #: the replays of this run that ``trainguard replay`` left beside it (replays.py)
+    replays: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ledger_status(self) -> str:
@@ -126,6 +129,7 @@ class Report:
             "loss": self.loss.to_dict() if self.loss else None,
             "step_time": self.step_time.to_dict() if self.step_time else None,
             "agreement": self.agreement.to_dict() if self.agreement else None,
+            "replays": self.replays,
             "notes": list(self.notes),
         }
 
@@ -144,6 +148,7 @@ def build_report(
     owner_public_key: str | None = None,
     gpus_per_rank: int = 1,
     cost_per_gpu_hour: float | None = None,
+    replays: tuple[str, ...] = (),
 ) -> Report:
     """Verify ``run_dir``'s ledger and report its incidents and their damage."""
     model = read_run(run_dir, heads=heads, owner_public_key=owner_public_key)
@@ -159,6 +164,7 @@ def build_report(
             + (f": {model.tail_records} tail records" if model.tail_records else "")
             + "): fingerprint agreement, per-rank loss and step time cannot be told"
         )
+    found, replay_notes = _replays.find(model.run_dir, replays)
     return Report(
         model,
         incidents,
@@ -167,7 +173,8 @@ def build_report(
         _metrics.series(model, files, "loss"),
         _metrics.series(model, files, "busy_s"),
         _metrics.agreement(model),
-        notes,
+        notes + replay_notes,
+        found,
     )
 
 
@@ -264,6 +271,9 @@ def render_text(report: Report) -> str:
             f"{ck.seq}, {ck.time}, by pid {ck.writer.pid} on {ck.writer.host}){why}"
         )
     out.append("")
+    if report.replays:
+        out.extend(_replays.lines(report.replays))
+        out.append("")
     out.extend(_measurements(report))
     out.extend(f"note: {n}" for n in report.notes)
     out.append(_verdict(report))
