@@ -89,7 +89,7 @@ def test_deleted_while_last_then_written_on_is_truncation(tmp_path, owner):
     cut(run_dir, recorded[-1] - 1)  # the record itself was the last entry: gone
     train(model, optimizer, guard, 8)
     guard.close()
-    assert [a.detector for a in guard.alerts] == ["ledger"]
+    assert [a.detector for a in guard.alerts] == ["ledger"], [a.line() for a in guard.alerts]
     found = truncations(run_dir)
     assert found
     assert found[0]["seq"] == recorded[-1]

@@ -96,6 +96,7 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
     tail = getattr(guard, "_tail", None)
     if tail is not None:
         attempt("writing the ledger's tail records", tail.flush)
+        attempt("reporting a cut in the ledger", lambda: tail.report_cut(guard))
     payload = closing_payload(guard, error)
     append_once(guard, "rank", "rank.closed", _rank_payload(guard, payload))
     ended = False

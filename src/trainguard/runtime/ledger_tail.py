@@ -160,11 +160,16 @@ class TailRecord:
 
     def at_check(self, guard: Guard, rows: list[list[int]], index: dict[str, int]) -> None:
         """After the check's collective (``rows``: every rank's fingerprint row)."""
-        ledger = guard.ledger
         if guard.rank == 0:
             payload = self.payload(guard.at, rows, index)
             payload.update(check_values(rows, index, guard._compared_severity))
             self._write(guard, payload)
+        self.report_cut(guard)
+
+    def report_cut(self, guard: Guard) -> None:
+        """A cut this rank's ledger saw, reported once: at a check, and at close after the
+        last records are written (the writer may see it only then)."""
+        ledger = guard.ledger
         cut = getattr(ledger, "cut_from", None)
         if cut is None or self.cut_reported:
             return
