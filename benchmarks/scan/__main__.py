@@ -1,13 +1,17 @@
 """Scanner benchmark: trainguard next to picklescan, modelscan and fickling on one corpus.
 
 ``python -m benchmarks.scan --out DIR [--big-gb 1] [--tools a,b] [--repeat 3]`` builds the
-generated corpus (benchmarks/scan/corpus.py) in a temporary folder, runs every tool over
-it, and measures three things on the same files in one run:
+generated corpus (benchmarks/scan/corpus.py: the regression corpus, the differential
+samples and the real-world folders) in a temporary folder, runs every tool over it, and
+measures four things on the same files in one run:
 
-1. detection: per malicious sample, did each tool flag it, fail closed, miss it (clean or
-   skipped) or error; per benign sample, did it raise a false alarm;
+1. detection: per malicious or differential sample, did each tool flag it, fail closed,
+   miss it (clean or skipped) or error; per benign or real-world file, did it raise a
+   false alarm (flagged or failed closed) or pass it (clean, or skipped as no model file);
 2. throughput: files per second for one process scanning the whole corpus folder;
-3. scan time against checkpoint size: a tiny, a ~10 MB and a ``--big-gb`` torch.save
+3. folder throughput: the same on a real folder of a few hundred files, ``--folder-copies``
+   copies of the real-world part (model folders, Trainer and Lightning output, text);
+4. scan time against checkpoint size: a tiny, a ~10 MB and a ``--big-gb`` torch.save
    state dict with the same 16 tensors, median of ``--repeat`` warm runs.
 
 Timed runs are always the tool's own command in a fresh process, tools taking turns.
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,7 +39,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.scan.corpus import Sample, build_benign, build_malicious
+from benchmarks.scan.corpus import (
+    Sample,
+    build_benign,
+    build_differential,
+    build_malicious,
+    build_real,
+)
+from benchmarks.scan.tables import markdown
 from benchmarks.scan.tools import TOOLS, FileResult, Run, Tool, timed, versions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,6 +63,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per checkpoint size")
     parser.add_argument(
         "--corpus-repeat", type=int, default=7, help="timed runs over the corpus and of start-up"
+    )
+    parser.add_argument(
+        "--folder-copies",
+        type=int,
+        default=10,
+        help="copies of the real-world part in the real folder timed for folder throughput",
     )
     parser.add_argument("--bench-venv", type=Path, default=REPO / ".venv-bench")
     return parser.parse_args(argv)
@@ -75,12 +93,28 @@ def machine() -> dict[str, Any]:
 
 
 def build_corpus(root: Path) -> tuple[list[Sample], Path]:
-    """The malicious and benign corpus under ``root``; returns the samples and the marker."""
+    """The whole corpus under ``root`` (regression malicious and benign, differential,
+    real-world folders); returns the samples and the marker every payload would create."""
     marker = root.parent / "MARKER-a-payload-ran"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's deprecation notice for quantized tensors
         samples = build_malicious(root / "malicious", marker) + build_benign(root / "benign")
+        samples += build_differential(root / "differential", marker)
+    samples += build_real(root / "real")
     return samples, marker
+
+
+def build_folder(real: Path, folder: Path, copies: int) -> dict[str, Any]:
+    """The real folder timed for folder throughput: ``copies`` copies of the real-world
+    part (model folders, Trainer and Lightning output, checkpoints, repository text)."""
+    for i in range(copies):
+        shutil.copytree(real, folder / f"project-{i:02d}")
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+        "copies": copies,
+    }
 
 
 def write_checkpoint(path: Path, total_bytes: int) -> int:
@@ -126,54 +160,118 @@ def interleaved(
     }
 
 
+def _malicious_counts(samples: Sequence[Sample], by_name: dict[str, FileResult]) -> dict[str, Any]:
+    """Caught (flagged or failed closed), missed and errors over malicious ``samples``."""
+    bad = Counter(by_name[s.name].outcome for s in samples)
+
+    def names(outcomes: set[str]) -> list[str]:
+        return [s.name for s in samples if by_name[s.name].outcome in outcomes]
+
+    return {
+        "total": len(samples),
+        "caught": bad["flagged"] + bad["failed_closed"],
+        # samples whose payload a naive loader runs with the torch installed here
+        "total_live": sum(1 for s in samples if s.live),
+        "caught_live": sum(1 for s in samples if s.live and by_name[s.name].outcome in CAUGHT),
+        "flagged": bad["flagged"],
+        "failed_closed": bad["failed_closed"],
+        "missed": bad["clean"] + bad["skipped"],
+        "missed_skipped": bad["skipped"],
+        "errors": bad["error"],
+        "missed_samples": names({"clean", "skipped"}),
+        "failed_closed_samples": names({"failed_closed"}),
+        "error_samples": names({"error"}),
+    }
+
+
+def _benign_counts(samples: Sequence[Sample], by_name: dict[str, FileResult]) -> dict[str, Any]:
+    """False alarms (flagged or failed closed), passes (skipped apart) and errors."""
+    good = Counter(by_name[s.name].outcome for s in samples)
+
+    def names(outcomes: set[str]) -> list[str]:
+        return [s.name for s in samples if by_name[s.name].outcome in outcomes]
+
+    out = {
+        "total": len(samples),
+        "false_alarms": good["flagged"] + good["failed_closed"],
+        "false_alarms_failed_closed": good["failed_closed"],
+        "errors": good["error"],
+        "passed": good["clean"] + good["skipped"],
+        "passed_skipped": good["skipped"],
+        "false_alarm_samples": names({"flagged", "failed_closed"}),
+        "error_samples": names({"error"}),
+    }
+    if any(s.expected for s in samples):  # the real-world part: what a user should see
+        out["not_as_expected"] = [
+            s.name for s in samples if s.expected and by_name[s.name].outcome != s.expected
+        ]
+    return out
+
+
 def tally(samples: Sequence[Sample], verdicts: dict[str, dict[str, FileResult]]) -> dict[str, Any]:
-    """The detection table: per tool, outcomes on the malicious and the benign halves."""
+    """The detection and false-alarm tables: per tool, outcomes on each part of the corpus.
+
+    "malicious" and "benign" are the regression corpus, "differential" the polyglots and
+    reader differentials (all malicious), "real" the real-world folders (all benign).
+    """
+    core = [s for s in samples if s.part == "core"]
+    parts = {
+        "malicious": [s for s in core if s.malicious],
+        "benign": [s for s in core if not s.malicious],
+        "differential": [s for s in samples if s.part == "differential"],
+        "real": [s for s in samples if s.part == "real"],
+    }
     table: dict[str, Any] = {}
     for tool, by_name in verdicts.items():
-        bad = Counter(by_name[s.name].outcome for s in samples if s.malicious)
-        good = Counter(by_name[s.name].outcome for s in samples if not s.malicious)
-
-        def names(malicious: bool, outcomes: set[str], tool: str = tool) -> list[str]:
-            return [
-                s.name
-                for s in samples
-                if s.malicious == malicious and verdicts[tool][s.name].outcome in outcomes
-            ]
-
         table[tool] = {
-            "malicious": {
-                "total": sum(bad.values()),
-                "caught": bad["flagged"] + bad["failed_closed"],
-                # samples whose payload a naive loader runs with the torch installed here
-                "total_live": sum(1 for s in samples if s.malicious and s.live),
-                "caught_live": len(
-                    [
-                        s
-                        for s in samples
-                        if s.malicious and s.live and by_name[s.name].outcome in CAUGHT
-                    ]
-                ),
-                "flagged": bad["flagged"],
-                "failed_closed": bad["failed_closed"],
-                "missed": bad["clean"] + bad["skipped"],
-                "missed_skipped": bad["skipped"],
-                "errors": bad["error"],
-                "missed_samples": names(True, {"clean", "skipped"}),
-                "failed_closed_samples": names(True, {"failed_closed"}),
-                "error_samples": names(True, {"error"}),
-            },
-            "benign": {
-                "total": sum(good.values()),
-                "false_alarms": good["flagged"] + good["failed_closed"],
-                "false_alarms_failed_closed": good["failed_closed"],
-                "errors": good["error"],
-                "passed": good["clean"] + good["skipped"],
-                "passed_skipped": good["skipped"],
-                "false_alarm_samples": names(False, {"flagged", "failed_closed"}),
-                "error_samples": names(False, {"error"}),
-            },
+            part: (_malicious_counts if part in ("malicious", "differential") else _benign_counts)(
+                chosen, by_name
+            )
+            for part, chosen in parts.items()
         }
     return table
+
+
+def read_verdicts(tool: Tool, target: Path, work: Path) -> dict[Path, FileResult]:
+    """One verdict per file under ``target``: what the tool reported, else skipped (or,
+    when the tool left no readable report, an error)."""
+    run = tool.scan(target, work)
+    missing = FileResult("skipped", "not reported", "the tool did not report this file")
+    if run.failure:
+        print(f"[scan] {tool.name} failed: {run.failure}", file=sys.stderr)
+        missing = FileResult("error", "no report", run.failure)
+    files = [p.resolve() for p in target.rglob("*") if p.is_file()]
+    return {p: run.results.get(p, missing) for p in files}
+
+
+def speed(
+    tools: Sequence[Tool],
+    target: Path,
+    files: Sequence[Path],
+    examined: dict[str, int],
+    work: Path,
+    rounds: int,
+    startup_times: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Files per second for one process scanning ``target``, median of ``rounds``."""
+    times = interleaved(tools, target, work, rounds)
+    out: dict[str, Any] = {}
+    for tool in tools:
+        timing = times[tool.name]
+        startup = startup_times[tool.name]["median_s"]
+        net = timing["median_s"] - startup
+        out[tool.name] = {
+            "files": len(files),
+            "examined": examined[tool.name],
+            **timing,
+            "files_per_s": round(len(files) / timing["median_s"], 1),
+            "startup_s": startup,
+            "startup_runs_s": startup_times[tool.name]["runs_s"],
+            "files_per_s_after_startup": round(len(files) / net, 1) if net > 0 else None,
+            "command": shown(tool.timing_argv(Path("FOLDER"), Path("REPORT"))),
+            "startup_command": shown(tool.startup_argv()),
+        }
+    return out
 
 
 def measure(args: argparse.Namespace, tools: list[Tool], tmp: Path) -> dict[str, Any]:
@@ -190,35 +288,32 @@ def measure(args: argparse.Namespace, tools: list[Tool], tmp: Path) -> dict[str,
     examined: dict[str, int] = {}
     for tool in tools:
         print(f"[scan] {tool.name}: corpus of {len(files)} files", file=sys.stderr)
-        run = tool.scan(root, work)  # also warms the cache for the timed runs
-        missing = FileResult("skipped", "not reported", "the tool did not report this file")
-        if run.failure:
-            print(f"[scan] {tool.name} failed: {run.failure}", file=sys.stderr)
-            missing = FileResult("error", "no report", run.failure)
-        verdicts[tool.name] = {s.name: run.results.get(s.path.resolve(), missing) for s in samples}
-        examined[tool.name] = sum(
-            1 for p in files if run.results.get(p.resolve(), missing).outcome != "skipped"
-        )
+        results = read_verdicts(tool, root, work)  # also warms the cache for the timed runs
+        verdicts[tool.name] = {s.name: results[s.path.resolve()] for s in samples}
+        examined[tool.name] = sum(1 for p in files if results[p.resolve()].outcome != "skipped")
 
     print(f"[time] corpus and start-up, {args.corpus_repeat} rounds", file=sys.stderr)
-    corpus_times = interleaved(tools, root, work, args.corpus_repeat)
     startup_times = interleaved(tools, None, work, args.corpus_repeat)
-    throughput: dict[str, Any] = {}
+    throughput = speed(tools, root, files, examined, work, args.corpus_repeat, startup_times)
+
+    # folder throughput: a real folder of a few hundred files, every tool in turn
+    folder = tmp / "folder"
+    folder_info = build_folder(root / "real", folder, args.folder_copies)
+    folder_files = sorted(p for p in folder.rglob("*") if p.is_file())
+    folder_examined: dict[str, int] = {}
+    outcomes: dict[str, dict[str, int]] = {}
     for tool in tools:
-        timing = corpus_times[tool.name]
-        startup = startup_times[tool.name]["median_s"]
-        net = timing["median_s"] - startup
-        throughput[tool.name] = {
-            "files": len(files),
-            "examined": examined[tool.name],
-            **timing,
-            "files_per_s": round(len(files) / timing["median_s"], 1),
-            "startup_s": startup,
-            "startup_runs_s": startup_times[tool.name]["runs_s"],
-            "files_per_s_after_startup": round(len(files) / net, 1) if net > 0 else None,
-            "command": shown(tool.timing_argv(Path("CORPUS"), Path("REPORT"))),
-            "startup_command": shown(tool.startup_argv()),
-        }
+        print(f"[scan] {tool.name}: real folder of {len(folder_files)} files", file=sys.stderr)
+        results = read_verdicts(tool, folder, work)
+        seen = Counter(results[p.resolve()].outcome for p in folder_files)
+        outcomes[tool.name] = dict(seen)
+        folder_examined[tool.name] = len(folder_files) - seen["skipped"]
+    print(f"[time] real folder, {args.corpus_repeat} rounds", file=sys.stderr)
+    folder_speed = speed(
+        tools, folder, folder_files, folder_examined, work, args.corpus_repeat, startup_times
+    )
+    for tool in tools:
+        folder_speed[tool.name]["outcomes"] = outcomes[tool.name]
 
     sizes: dict[str, Any] = {}
     for label, nbytes in (
@@ -246,13 +341,17 @@ def measure(args: argparse.Namespace, tools: list[Tool], tmp: Path) -> dict[str,
 
     return {
         "corpus": {
-            "malicious": sum(s.malicious for s in samples),
-            "benign": sum(not s.malicious for s in samples),
+            "malicious": sum(s.malicious for s in samples if s.part == "core"),
+            "benign": sum(not s.malicious for s in samples if s.part == "core"),
+            "differential": sum(s.part == "differential" for s in samples),
+            "real": sum(s.part == "real" for s in samples),
             "files_in_folder": len(files),
             "payload_ran": marker.exists(),
         },
         "detection": tally(samples, verdicts),
         "throughput": throughput,
+        "folder": folder_info,
+        "folder_throughput": folder_speed,
         "size_scaling": sizes,
         "samples": [
             {
@@ -262,109 +361,15 @@ def measure(args: argparse.Namespace, tools: list[Tool], tmp: Path) -> dict[str,
                 "malicious": s.malicious,
                 "format": s.format,
                 "live": s.live,
+                "part": s.part,
+                "loader": s.loader,
+                "expected": s.expected,
                 "file": str(s.path.relative_to(root)),
                 "verdicts": {t: vars(v[s.name]) for t, v in verdicts.items()},
             }
             for s in samples
         ],
     }
-
-
-def _detection_table(results: dict[str, Any]) -> list[str]:
-    lines = [
-        "| tool | malicious caught | live ones caught | of which fail-closed "
-        "| missed (of which skipped) | errors | benign false alarms (of which fail-closed) "
-        "| benign errors |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for t in results["tools"]:
-        m, b = results["detection"][t]["malicious"], results["detection"][t]["benign"]
-        lines.append(
-            f"| {t} | {m['caught']}/{m['total']} | {m['caught_live']}/{m['total_live']} "
-            f"| {m['failed_closed']} "
-            f"| {m['missed']} ({m['missed_skipped']}) | {m['errors']} "
-            f"| {b['false_alarms']}/{b['total']} ({b['false_alarms_failed_closed']}) "
-            f"| {b['errors']} |"
-        )
-    return lines
-
-
-#: how a cell of the per-sample tables reads, on malicious and on benign samples
-_ON_MALICIOUS = {"flagged": "caught", "failed_closed": "fail-closed", "clean": "**missed**"}
-_ON_MALICIOUS |= {"skipped": "**missed** (skipped)", "error": "error"}
-_ON_BENIGN = {"flagged": "**false alarm**", "failed_closed": "**false alarm** (fail-closed)"}
-_ON_BENIGN |= {"clean": "ok", "skipped": "ok (skipped)", "error": "error"}
-
-
-def _sample_table(results: dict[str, Any], malicious: bool) -> list[str]:
-    """Samples on which at least one tool was not right, one column per tool."""
-    tools = results["tools"]
-    marks, right = (_ON_MALICIOUS, {"flagged", "failed_closed"})
-    if not malicious:
-        marks, right = (_ON_BENIGN, {"clean", "skipped"})
-    lines = ["| sample | format | " + " | ".join(tools) + " |", "|---|---|" + "---|" * len(tools)]
-    for s in results["samples"]:
-        cells = [s["verdicts"][t]["outcome"] for t in tools]
-        if s["malicious"] != malicious or all(c in right for c in cells):
-            continue
-        live = "" if s["live"] else " (not live)"
-        row = " | ".join(marks[c] for c in cells)
-        lines.append(f"| `{s['name']}`{live} | {s['format']} | {row} |")
-    return lines
-
-
-def _speed_table(results: dict[str, Any]) -> list[str]:
-    lines = [
-        "| tool | files/s | wall s, whole corpus | start-up s | files/s after start-up "
-        "| time ÷ trainguard | files examined | exit status |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    speed = results["throughput"]
-    base = speed.get("trainguard")
-    for t in results["tools"]:
-        e = speed[t]
-        ratio = f"{e['median_s'] / base['median_s']:.2f}x" if base else "-"
-        net = e["files_per_s_after_startup"] or "-"
-        lines.append(
-            f"| {t} | {e['files_per_s']} | {e['median_s']:.3f} | {e['startup_s']:.3f} | {net} "
-            f"| {ratio} | {e['examined']}/{e['files']} | {e['exit_codes']} |"
-        )
-    return lines
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
-
-
-def _size_table(results: dict[str, Any]) -> list[str]:
-    sizes = results["size_scaling"]
-    labels = list(sizes)
-    heads = [f"{label} ({_size(sizes[label]['bytes'])})" for label in labels]
-    lines = ["| tool | " + " | ".join(heads) + f" | {labels[-1]} / {labels[1]} |"]
-    lines.append("|---|" + "---|" * (len(labels) + 1))
-    for t in results["tools"]:
-        cells = [sizes[label]["tools"][t] for label in labels]
-        text = [f"{c['median_s']:.3f} s ({c['outcome']})" for c in cells]
-        growth = cells[-1]["median_s"] / cells[1]["median_s"]
-        lines.append(f"| {t} | " + " | ".join(text) + f" | {growth:.2f}x |")
-    reads = [sizes[label]["read_all_s"] for label in labels]
-    text = [f"{r:.3f} s" for r in reads]
-    lines.append(
-        "| *reference: read every byte* | " + " | ".join(text) + f" | {reads[-1] / reads[1]:.2f}x |"
-    )
-    return lines
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """``summary.md``: detection, the samples some tool got wrong, speed, size scaling."""
-    parts = [
-        ["## Detection", ""] + _detection_table(results),
-        ["## Malicious samples some tool did not catch", ""] + _sample_table(results, True),
-        ["## Benign samples some tool alarmed or failed on", ""] + _sample_table(results, False),
-        ["## Throughput (one process, whole corpus folder)", ""] + _speed_table(results),
-        ["## Scan time vs checkpoint size (median, warm cache)", ""] + _size_table(results),
-    ]
-    return "\n\n".join("\n".join(p) for p in parts) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,18 +387,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
 
     started = datetime.now(timezone.utc)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="trainguard-bench-scan-") as tmp:
         measured = measure(args, tools, Path(tmp))
+    # other work on the machine slows every tool; the timings say how much there was
+    load = {"before": [round(x, 2) for x in load_before]}
+    load["after"] = [round(x, 2) for x in os.getloadavg()]
     results = {
         "command": "python -m benchmarks.scan " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": started.isoformat(timespec="seconds"),
         "duration_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
         "machine": machine(),
+        "load_average_1_5_15_min": load,
         "versions": versions(args.bench_venv, names),
         "tools": names,
         "big_gb": args.big_gb,
         "repeat": args.repeat,
         "corpus_repeat": args.corpus_repeat,
+        "folder_copies": args.folder_copies,
         **measured,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,11 @@ This module holds the public API, a small pickle-opcode assembler and the helper
 that splice payload pickles into real containers (torch zip, legacy torch, tar,
 npy). The catalogues live in :mod:`benchmarks.scan.corpus_malicious` and
 :mod:`benchmarks.scan.corpus_benign`.
+
+The benchmark adds two parts the regression tests do not iterate:
+``build_differential(directory, marker)`` (polyglots and reader differentials,
+:mod:`benchmarks.scan.corpus_differential`) and ``build_real(directory)`` (the folders
+real training code writes, :mod:`benchmarks.scan.corpus_real`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class Sample:
     loader: str
     #: False when the naive loader would not run the payload; ``technique`` says why
     live: bool = True
+    #: "core" (the regression corpus), "differential" or "real" (benign files as training
+    #: code writes them); the extra parts are built by the benchmark only
+    part: str = "core"
+    #: for "real" samples: the trainguard outcome a user should see ("clean" for model
+    #: files, "skipped" for files no model loader opens); the run reports what it got
+    expected: str = ""
 
 
 #: The naive loaders (``Sample.loader``).
@@ -346,6 +357,8 @@ def naive_load(sample: Sample) -> object:
         from safetensors.torch import load_file
 
         return load_file(sample.path)
+    if sample.loader == "none":  # a text file of the real part: no model loader opens it
+        return sample.path.read_bytes()
     raise ValueError(f"unknown loader {sample.loader!r}")
 
 
@@ -363,6 +376,22 @@ def build_benign(directory: Path) -> list[Sample]:
 
     directory.mkdir(parents=True, exist_ok=True)
     return corpus_benign.build(directory)
+
+
+def build_differential(directory: Path, marker: Path) -> list[Sample]:
+    """Write the differential samples (polyglots, reader differentials); see
+    :mod:`benchmarks.scan.corpus_differential`. Payloads only create ``marker``."""
+    from benchmarks.scan import corpus_differential
+
+    return corpus_differential.build(directory, marker)
+
+
+def build_real(directory: Path) -> list[Sample]:
+    """Write the real-world benign folders (what training code writes); see
+    :mod:`benchmarks.scan.corpus_real`."""
+    from benchmarks.scan import corpus_real
+
+    return corpus_real.build(directory)
 
 
 def describe(samples: Sequence[Sample]) -> list[dict[str, Any]]:

@@ -140,6 +140,7 @@ _TRAINGUARD_OUTCOMES: dict[str, Outcome] = {
     "UNSAFE": "flagged",
     "UNVERIFIABLE": "failed_closed",  # fail closed: the file could not be fully checked
     "UNSUPPORTED": "failed_closed",  # not a format it knows; `scan` exits 1 on it too
+    "SKIPPED": "skipped",  # no loader reads it: not a model file, `scan` exits 0 on it
 }
 
 

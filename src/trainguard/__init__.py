@@ -6,6 +6,7 @@ error types. Everything else lives in sub-packages a user rarely needs to import
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from trainguard.errors import (
@@ -64,13 +65,23 @@ def scan(path: str | Any, *, max_memory: int | None = None) -> ScanReport:
     return scan_paths([path], max_memory=max_memory)
 
 
-def load(path: str | Any, map_location: Any = None, *, max_memory: int | None = None) -> Any:
+def load(
+    path: str | Any,
+    map_location: Any = None,
+    *,
+    max_memory: int | None = None,
+    allow: Iterable[str] | None = None,
+) -> Any:
     """Load a checkpoint without running code from it.
 
     Raises :class:`UnsafeCheckpointError` naming what was refused. ``max_memory`` (bytes,
     default 1 GiB) bounds the private copy of the file and everything the load allocates
-    beyond it; a file that needs more is refused (:class:`CheckpointError`).
+    beyond it; a file that needs more is refused (:class:`CheckpointError`). Objects of
+    classes outside the allowlist that the file only rebuilds as data (a Trainer's
+    arguments) come back as ``trainguard.artifacts.loader.InertObject`` records; classes
+    named in ``allow`` (``"module.Name"`` or ``"module.*"``) are imported and rebuilt for
+    real (docs/scan-policy.md).
     """
     from trainguard.artifacts.loader import load as _load
 
-    return _load(path, map_location=map_location, max_memory=max_memory)
+    return _load(path, map_location=map_location, max_memory=max_memory, allow=allow)

@@ -7,6 +7,7 @@ document; human text and progress go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -71,6 +72,7 @@ _VERDICT_STYLE = {
     "UNSAFE": "red",
     "UNVERIFIABLE": "yellow",
     "UNSUPPORTED": "yellow",
+    "SKIPPED": "bright_black",
 }
 
 
@@ -155,7 +157,7 @@ def _emit_json_streamed(document: object) -> None:
 def _emit_scan_json(report: Any) -> None:
     """The scan's JSON document (the same text as ``_emit_json(report.to_dict())``), one
     file at a time, so its size in memory does not grow with the number of files."""
-    head = {"verdict": report.verdict.value, "counts": report.counts()}
+    head = {"verdict": report.verdict.value, "counts": report.counts(), "excluded": report.excluded}
     text = json.dumps(head, indent=2)
     write = sys.stdout.write
     write(text[: text.rindex("}")].rstrip() + ',\n  "files": [')
@@ -182,24 +184,55 @@ def _valid_text(value: Any) -> Any:
     return value
 
 
-def _scan_text(report: Any, verbose: bool) -> None:
+def _scan_text(
+    report: Any, verbose: bool, named: Sequence[str] = (), echo: Callable[[str], None] = _say
+) -> None:
+    """One line per file (skipped files only with -v, or when named), then the summary."""
     for file in report.files:
+        skipped = file.verdict.value == "SKIPPED"
+        if skipped and not verbose and file.path not in named:
+            continue
         verdict = click.style(f"{file.verdict.value:<12}", fg=_VERDICT_STYLE[file.verdict.value])
         reasons = [
             f"{f.message} [{f.location}]" if f.location else f.message
             for f in file.findings
             if f.severity >= (Severity.INFO if verbose else Severity.LOW)
-            or file.verdict.value == "UNSUPPORTED"
+            or file.verdict.value in ("UNSUPPORTED", "SKIPPED")
         ]
         shown = reasons if verbose else reasons[:3]
         more = f"; +{len(reasons) - 3} more" if not verbose and len(reasons) > 3 else ""
         detail = f": {'; '.join(shown)}{more}" if shown else ""
-        _say(f"{verdict} {_shown(file.path)} ({file.format}){_shown(detail)}")
+        echo(f"{verdict} {_shown(file.path)} ({file.format}){_shown(detail)}")
     for error in report.errors:
-        _say(f"{click.style('ERROR', fg='red'):<12} {_shown(error)}")
-    counts = report.counts()
-    summary = ", ".join(f"{n} {v.lower()}" for v, n in counts.items() if n)
-    _say(f"scanned {len(report.files)} file(s): {summary or 'nothing to scan'}")
+        echo(f"{click.style('ERROR', fg='red'):<12} {_shown(error)}")
+    echo(_scan_summary(report, verbose))
+
+
+def _scan_summary(report: Any, verbose: bool) -> str:
+    """``scanned 12 file(s): 3 analysed (2 safe, 1 unsafe), 9 skipped (not model files)``"""
+    counts = dict(report.counts())
+    skipped = counts.pop("SKIPPED", 0)
+    verdicts = ", ".join(f"{n} {v.lower()}" for v, n in counts.items() if n)
+    parts = [f"{sum(counts.values())} analysed" + (f" ({verdicts})" if verdicts else "")]
+    if skipped:
+        parts.append(f"{skipped} skipped (not model files{'' if verbose else '; -v lists them'})")
+    if report.excluded:
+        parts.append(f"{report.excluded} excluded by --include/--exclude")
+    summary = ", ".join(parts) if report.files or report.excluded else "nothing to scan"
+    return f"scanned {len(report.files)} file(s): {summary}"
+
+
+def _emit_scan(
+    report: Any, fmt: str, verbose: bool, named: Sequence[str], echo: Callable[[str], None]
+) -> None:
+    if fmt == "json":
+        _emit_scan_json(report)
+    elif fmt == "sarif":
+        from trainguard.artifacts.sarif import to_sarif
+
+        _emit_json_streamed(to_sarif(report, lazy=True))
+    else:
+        _scan_text(report, verbose, named, echo)
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -225,6 +258,27 @@ def _max_memory_option(f: F) -> F:
     )(f)
 
 
+def _class_names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    from trainguard.artifacts.allowlist import allowing
+
+    try:
+        return allowing(value)  # checked now; entered around the work
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from exc
+
+
+def _allow_classes_option(f: F) -> F:
+    return click.option(
+        "--allow",
+        "allow_classes",
+        multiple=True,
+        metavar="MODULE.NAME",
+        callback=_class_names,
+        help="Trust this class (repeatable): a pickle may build and call it like the built-in "
+        "allowlist's; MODULE.* trusts every name under MODULE. See docs/scan-policy.md.",
+    )(f)
+
+
 def _rss() -> int:
     from trainguard.artifacts.budget import current_rss
 
@@ -234,60 +288,140 @@ def _rss() -> int:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
 @_format_option("text", "json", "sarif")
-@click.option("-v", "--verbose", is_flag=True, help="List every finding, not the first three.")
+@click.option("-v", "--verbose", is_flag=True, help="List every finding, and the files skipped.")
+@click.option(
+    "--include",
+    multiple=True,
+    metavar="GLOB",
+    help="Read only the files in folders that match (repeatable; relative to the folder "
+    "named; ** spans folders, a GLOB without / matches a name at any depth).",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="GLOB",
+    help="Leave out the files and folders that match (repeatable; as --include).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the report (in --format) to FILE instead of stdout/stderr; replaced if it "
+    "is a regular file. The summary line still goes to stderr.",
+)
 @_max_memory_option
-def scan(paths: tuple[str, ...], fmt: str, verbose: bool, max_memory: int) -> int:
+@_allow_classes_option
+def scan(
+    paths: tuple[str, ...],
+    fmt: str,
+    verbose: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    output: str | None,
+    max_memory: int,
+    allow_classes: Any,
+) -> int:
     """Statically check model files and folders (recursively); PATH may be - for stdin.
 
-    Exit status: 0 all safe, 1 something unsafe, unverifiable or unsupported,
-    2 a path could not be read. Unreadable files and folders, FIFOs and devices are
-    listed as errors, never skipped.
+    Files that are not model files (text, JSON, YAML, code, tokenizers: decided by their
+    bytes, never their names) are SKIPPED: counted, listed with -v, and they do not
+    change the exit status. A file named here that is skipped gets a line saying why.
+    Exit status: 0 all safe (or skipped), 1 something unsafe, unverifiable or
+    unsupported, 2 a path could not be read. Unreadable files and folders, FIFOs and
+    devices are listed as errors, never skipped.
     """
     from trainguard.artifacts.scanner import scan_paths
 
-    bar = _LazyProgress("scanning", delay=0.5, counts_bytes=False)
-    try:
-        report = scan_paths(list(paths), progress=bar, max_memory=max_memory, baseline=_rss())
-    finally:
-        bar.close()
-    if fmt == "json":
-        _emit_scan_json(report)
-    elif fmt == "sarif":
-        from trainguard.artifacts.sarif import to_sarif
+    target = None
+    if output is not None:
+        from trainguard._io import check_output
 
-        _emit_json_streamed(to_sarif(report, lazy=True))
+        target = check_output(output, force=True, what="report")
+    bar = _LazyProgress("scanning", delay=0.5, counts_bytes=False)
+    trusted = contextlib.ExitStack()
+    trusted.enter_context(allow_classes)
+    try:
+        report = scan_paths(
+            list(paths),
+            progress=bar,
+            max_memory=max_memory,
+            baseline=_rss(),
+            include=include,
+            exclude=exclude,
+        )
+    finally:
+        trusted.close()
+        bar.close()
+    if target is None:
+        _emit_scan(report, fmt, verbose, paths, _say)
     else:
-        _scan_text(report, verbose)
+        from trainguard._io import write_atomic
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as out:
+
+                def echo(line: str) -> None:
+                    click.echo(line, file=out)  # no colours in a file
+
+                with contextlib.redirect_stdout(out):
+                    _emit_scan(report, fmt, verbose, paths, echo)
+
+        write_atomic(target, write, what="report")
+        _say(_scan_summary(report, verbose) + f"; report written to {_shown(str(target))}")
     if report.errors:
         return EXIT_ERROR
     return EXIT_CLEAN if report.safe else EXIT_FINDINGS
 
 
 @cli.command()
-@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("source", type=click.Path())
 @click.option(
     "-o",
     "--output",
     required=True,
-    type=click.Path(dir_okay=False),
-    help="The .safetensors file to write.",
+    type=click.Path(),
+    help="The .safetensors file to write; for a folder or an index, the folder to write "
+    "into (SOURCE itself to write next to the originals).",
 )
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists (a regular file only).")
+@click.option("--force", is_flag=True, help="Overwrite existing output files (regular files only).")
 @_format_option()
 @_max_memory_option
 def convert(source: str, output: str, force: bool, fmt: str, max_memory: int) -> int:
     """Load SOURCE with the safe loader and write it as safetensors.
 
-    Non-tensor entries (epoch, config, optimizer hyperparameters) are kept as JSON in the
-    file's metadata. Exit status: 0 written, 1 SOURCE is unsafe or unverifiable, 2 error.
+    SOURCE is a checkpoint file, a folder (every pickle checkpoint in it, recursively; other
+    files are left alone) or a sharded checkpoint's *.index.json. Non-tensor entries (epoch,
+    config, optimizer hyperparameters) are kept as JSON in each file's metadata; tied
+    weights are stored once, the dropped names listed. Every output is read back and
+    compared with what was loaded before it is put in place. Exit status: 0 written,
+    1 something in SOURCE is unsafe or unverifiable (nothing written), 2 error (nothing
+    written).
     """
     import torch  # noqa: F401  (loaded first, so the memory budget counts it)
 
     from trainguard.artifacts.convert import convert as run_convert
+    from trainguard.artifacts.convert_folder import (
+        INDEX_SUFFIX,
+        UnsafeFolderError,
+        convert_folder,
+        convert_sharded,
+    )
 
+    options: dict[str, Any] = {"force": force, "max_memory": max_memory, "baseline": _rss()}
     try:
-        result = run_convert(source, output, force=force, max_memory=max_memory, baseline=_rss())
+        if os.path.isdir(source):
+            folder = convert_folder(source, output, **options)
+        elif source.endswith(INDEX_SUFFIX):
+            folder = convert_sharded(source, output, **options)
+        else:
+            result = run_convert(source, output, **options)
+            folder = None
     except UnsafeCheckpointError as refused:
+        per_file = (
+            refused.refused
+            if isinstance(refused, UnsafeFolderError)
+            else {source: refused.findings}
+        )
         if fmt == "json":
             _emit_json(
                 _valid_text(
@@ -296,38 +430,100 @@ def convert(source: str, output: str, force: bool, fmt: str, max_memory: int) ->
                         "output": None,
                         "refused": True,
                         "findings": [f.to_dict() for f in refused.findings],
+                        "refused_files": {
+                            path: [f.to_dict() for f in found] for path, found in per_file.items()
+                        },
                     }
                 )
             )
         else:
-            _say(f"refused: {_shown(source)} is not safe to load; nothing written")
-            for finding in refused.findings:
-                where = f" [{finding.location}]" if finding.location else ""
-                _say(f"  {finding.severity.name:<8} {_shown(finding.message + where)}")
+            for path, found in per_file.items():
+                _say(f"refused: {_shown(path)} is not safe to load")
+                for finding in found:
+                    where = f" [{finding.location}]" if finding.location else ""
+                    _say(f"  {finding.severity.name:<8} {_shown(finding.message + where)}")
+            _say(f"nothing written: {len(per_file)} file(s) in {_shown(source)} refused")
         return EXIT_FINDINGS
+    if folder is not None:
+        _convert_folder_report(folder, fmt)
+        return EXIT_CLEAN
     if fmt == "json":
-        _emit_json(
-            _valid_text(
-                {
-                    "input": source,
-                    "output": result.output,
-                    "refused": False,
-                    "tensors": result.tensors,
-                    "aliases": result.aliases,
-                    "copied_views": result.copied_views,
-                    "bytes": result.bytes_written,
-                }
-            )
-        )
+        _emit_json(_valid_text({"input": source, "refused": False, **_converted(result)}))
     else:
         _say(
             f"wrote {_shown(result.output)}: {result.tensors} tensors, {result.bytes_written} bytes"
         )
-        for alias, target in result.aliases.items():
-            _say(f"  {_shown(alias)} shares {_shown(target)} (tied): stored once")
-        for group in result.copied_views:
-            _say(f"  {_shown(', '.join(group))} shared one storage: stored as separate copies")
+        _convert_notes(result, "  ")
     return EXIT_CLEAN
+
+
+def _converted(result: Any) -> dict[str, Any]:
+    return {
+        "output": result.output,
+        "tensors": result.tensors,
+        "aliases": result.aliases,
+        "copied_views": result.copied_views,
+        "bytes": result.bytes_written,
+    }
+
+
+def _convert_notes(result: Any, indent: str) -> None:
+    for alias, target in result.aliases.items():
+        _say(
+            f"{indent}dropped {_shown(alias)}: an alias of {_shown(target)} (tied weights, "
+            f"stored once; restore: state[{_shown(repr(alias))}] = state[{_shown(repr(target))}])"
+        )
+    if result.aliases:
+        _say(
+            f"{indent}a model that ties them restores them itself: "
+            "model.load_state_dict(load_file(...), strict=False) (see docs/convert.md)"
+        )
+    for group in result.copied_views:
+        _say(f"{indent}{_shown(', '.join(group))} shared one storage: stored as separate copies")
+
+
+def _convert_folder_report(folder: Any, fmt: str) -> None:
+    if fmt == "json":
+        _emit_json(
+            _valid_text(
+                {
+                    "input": folder.source,
+                    "output": folder.output,
+                    "refused": False,
+                    "files": [{"input": r.source, **_converted(r)} for r in folder.files],
+                    "indexes": [
+                        {
+                            "input": i.source,
+                            "output": i.output,
+                            "shards": [{"input": r.source, **_converted(r)} for r in i.shards],
+                        }
+                        for i in folder.indexes
+                    ],
+                    "kept": [{"path": path, "reason": why} for path, why in folder.kept],
+                    "skipped": folder.skipped,
+                }
+            )
+        )
+        return
+    for r in folder.files:
+        _say(f"wrote {_shown(r.output)} from {_shown(r.source)}: {r.tensors} tensors")
+        _convert_notes(r, "  ")
+    for index in folder.indexes:
+        _say(f"wrote {_shown(index.output)} from {_shown(index.source)}:")
+        for r in index.shards:
+            _say(f"  {_shown(r.output)} from {_shown(r.source)}: {r.tensors} tensors")
+            _convert_notes(r, "    ")
+    for path, why in folder.kept:
+        _say(f"left as is: {_shown(path)} ({_shown(why)})")
+    shards = sum(len(i.shards) for i in folder.indexes)
+    alone = f"{len(folder.kept) + len(folder.skipped)} other file(s) left alone"
+    if not folder.files and not folder.indexes:
+        _say(f"nothing to convert in {_shown(folder.source)}, nothing written; {alone}")
+        return
+    _say(
+        f"converted {len(folder.files)} file(s) and {len(folder.indexes)} sharded checkpoint(s) "
+        f"({shards} shards) into {_shown(folder.output)}; {alone}"
+    )
 
 
 # --- environment integrity: keygen, seal, verify-env ----------------------------------

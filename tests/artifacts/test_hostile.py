@@ -96,14 +96,22 @@ def test_fifo_in_a_folder_does_not_hang(tmp_path):
     assert done.wait(10), "scan hung on a FIFO"
 
 
-def test_empty_and_unknown_files_are_unsupported(tmp_path):
+def test_empty_and_unknown_files_are_skipped_known_unread_formats_unsupported(tmp_path):
+    """Empty and unrecognised files are not model files (no loader reads them): skipped.
+    Formats recognised but not analysed (GGUF, HDF5) stay UNSUPPORTED: exit 1."""
     (tmp_path / "empty.bin").write_bytes(b"")
     (tmp_path / "notes.txt").write_bytes(b"\x00\x01 not a model")
     (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 32)
     (tmp_path / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 32)
     report = trainguard.scan(tmp_path)
-    assert {f.verdict for f in report.files} == {Verdict.UNSUPPORTED}
+    assert {Path(f.path).name: f.verdict for f in report.files} == {
+        "empty.bin": Verdict.SKIPPED,
+        "notes.txt": Verdict.SKIPPED,
+        "model.gguf": Verdict.UNSUPPORTED,
+        "model.h5": Verdict.UNSUPPORTED,
+    }
     assert main(["scan", str(tmp_path)]) == 1
+    assert main(["scan", str(tmp_path / "empty.bin"), str(tmp_path / "notes.txt")]) == 0
 
 
 def test_missing_path_is_an_io_error(tmp_path, capsys):

@@ -7,10 +7,20 @@ that plain array files need. Each entry says whether the global may be *called*
 (REDUCE, NEWOBJ, OBJ, INST) and whether BUILD or item-setting opcodes may run on the
 objects it returns; a global allowed as a value (a dtype, a storage class) is unsafe
 to call.
+
+It also holds the rule for data that is not code (docs/scan-policy.md): a short table of
+classes known to be inert when rebuilt (``argparse.Namespace``, ``pathlib``, ``datetime``,
+``torch.nn`` modules, the enums a ``TrainingArguments`` holds), and
+:func:`reconstructible`, the classes outside the allowlist that a pickle may rebuild as
+data (a new instance and its attribute dict, no call) with a note rather than a finding.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from trainguard.errors import Severity
@@ -27,6 +37,12 @@ class Rule:
     setstate: bool = False
     #: SETITEM(S) may run on the objects the call returns
     items: bool = False
+    #: what a call may pass: anything ("any"), nothing ("empty"), constant strings
+    #: ("strings"), or one constant ("one": an enum member looked up by its value)
+    args: str = "any"
+    #: a class of a module outside the standard library and torch/numpy: the safe loader
+    #: returns an :class:`~trainguard.artifacts.loader.InertObject` instead of importing it
+    record: bool = False
 
 
 VALUE = Rule()
@@ -98,6 +114,55 @@ def _numpy_rules() -> dict[str, Rule]:
     return rules
 
 
+def _inert_rules() -> dict[str, Rule]:
+    """Classes whose rebuilding runs none of their code, or only code known to be inert.
+
+    Each claim is checked against the installed classes by tests/artifacts/test_inert.py.
+    """
+    rules: dict[str, Rule] = {
+        # no __new__, __init__ takes keywords only, no __setstate__: BUILD updates __dict__
+        "argparse.Namespace": Rule(call=True, build=True),
+        "types.SimpleNamespace": Rule(call=True, build=True),
+        # built from constant strings: pure path arithmetic, no file system access
+        **{
+            f"{mod}.{name}": Rule(call=True, args="strings")
+            for mod in ("pathlib", "pathlib._local")
+            for name in "PurePath PurePosixPath PureWindowsPath Path PosixPath WindowsPath".split()
+        },
+        # C types whose constructors only validate numbers and bytes
+        **{f"datetime.{n}": CALL for n in "datetime date time timedelta timezone".split()},
+        # the base copyreg._reconstructor names for an object rebuilt as data
+        "builtins.object": VALUE,
+    }
+    for module, names in _THIRD_PARTY_ENUMS.items():
+        for name in names.split():
+            rules[f"{module}.{name}"] = Rule(call=True, args="one", record=True)
+    return rules
+
+
+#: Enums a Trainer's ``TrainingArguments`` (and accelerate's state in it) pickles by value:
+#: ``Enum(value)`` on a plain ``enum.Enum`` only looks the member up (their ``_missing_``
+#: raises). A class the table does not name is not called: ``--allow`` it.
+_THIRD_PARTY_ENUMS = {
+    "transformers.trainer_utils": (
+        "IntervalStrategy SaveStrategy HubStrategy SchedulerType EvaluationStrategy FSDPOption"
+    ),
+    "transformers.training_args": "OptimizerNames",
+    "transformers.utils.generic": "PaddingStrategy TensorType",
+    "accelerate.utils.dataclasses": "DistributedType PrecisionType DynamoBackend",
+}
+
+#: How ``copyreg`` rebuilds an object without calling its class (protocols 0 and 1, and
+#: hand-written reduce values); the analyser checks their arguments.
+RECONSTRUCTORS = frozenset(
+    {"copyreg._reconstructor", "copyreg.__newobj__", "copyreg.__newobj_ex__"}
+)
+
+#: torch's own ``nn`` modules: rebuilt with no arguments, then ``Module.__setstate__``
+#: (torch's) takes a dict of plain attributes.
+NN_MODULE = Rule(call=True, build=True, args="empty")
+_NN_PREFIX = "torch.nn.modules."
+
 ALLOWED: dict[str, Rule] = {
     "collections.OrderedDict": Rule(call=True, build=True, items=True),
     "collections.Counter": Rule(call=True, items=True),
@@ -112,6 +177,8 @@ ALLOWED: dict[str, Rule] = {
     "joblib.numpy_pickle.NumpyArrayWrapper": Rule(call=True, build=True),
     **_torch_rules(),
     **_numpy_rules(),
+    **_inert_rules(),
+    **dict.fromkeys(RECONSTRUCTORS, CALL),
 }
 
 #: The types `_rebuild_from_type_v2` and `_rebuild_wrapper_subclass` may produce.
@@ -148,5 +215,83 @@ def severity_of(qualified: str) -> Severity:
     return Severity.HIGH
 
 
+#: Classes the caller trusts (``allow=[...]``, ``--allow``): rebuilt and called for real.
+TRUSTED = Rule(call=True, build=True, setstate=True, items=True)
+_caller_allows: ContextVar[frozenset[str]] = ContextVar("trainguard_allow", default=frozenset())
+
+
+def allowing(names: Iterable[str] | None) -> contextlib.AbstractContextManager[frozenset[str]]:
+    """Within the block, ``names`` (``module.Class``, or ``module.*`` for every name under
+    ``module``) are trusted: called and rebuilt like the allowlist's own.
+
+    Raises ValueError at once for a name that is not ``MODULE.NAME`` or ``MODULE.*``.
+    """
+    allowed = frozenset([names] if isinstance(names, str) else names or ())
+    for name in allowed:
+        module, _, attr = name.rpartition(".")
+        parts = [*module.split("."), attr.replace("*", "_") if attr == "*" else attr]
+        if not (module and all(p.isidentifier() for p in parts)):
+            raise ValueError(f"{name!r} is not MODULE.NAME or MODULE.*")
+    return _allowing(allowed)
+
+
+@contextlib.contextmanager
+def _allowing(allowed: frozenset[str]) -> Iterator[frozenset[str]]:
+    token = _caller_allows.set(_caller_allows.get() | allowed)
+    try:
+        yield allowed
+    finally:
+        _caller_allows.reset(token)
+
+
+def caller_allows(qualified: str) -> bool:
+    allowed = _caller_allows.get()
+    if not allowed:
+        return False
+    if qualified in allowed:
+        return True
+    parts = qualified.split(".")
+    return any(".".join(parts[:i]) + ".*" in allowed for i in range(1, len(parts)))
+
+
 def rule_for(qualified: str) -> Rule | None:
-    return ALLOWED.get(qualified)
+    if caller_allows(qualified):
+        return TRUSTED
+    rule = ALLOWED.get(qualified)
+    if rule is None and qualified.startswith(_NN_PREFIX):
+        module, _, name = qualified.rpartition(".")
+        if name[:1].isupper() and name.isidentifier() and module.count(".") == 3:
+            return NN_MODULE
+    return rule
+
+
+#: Roots whose classes are never rebuilt as unknown data: the standard library (see
+#: ``sys.stdlib_module_names``) and these hold classes whose ``__del__``, ``__setstate__``
+#: or ``__getattr__`` act on attributes the pickle would set (``tempfile`` deletes
+#: ``self.name`` when collected, ``filelock`` its lock file, shared memory closes
+#: ``self._fd``); from them only the table above is allowed.
+_NEVER_DATA = frozenset({"torch", "numpy", "joblib", "scipy", "filelock", "__torch__"})
+
+
+def reconstructible(qualified: str) -> bool:
+    """May a pickle rebuild this class outside the allowlist as data (note, not finding)?
+
+    Only an importable-looking public class name of a module outside the standard
+    library, torch, numpy and :data:`_NEVER_DATA`; the analyser further requires that it
+    is rebuilt with no arguments and given a plain attribute dict. Its module's import-time
+    code still runs under ``pickle.load``: the module must come from the verified
+    environment (``trainguard verify-env``).
+    """
+    module, _, name = qualified.rpartition(".")
+    parts = module.split(".")
+    root = parts[0]
+    return (
+        bool(module)
+        and name.isidentifier()
+        and not name.startswith("_")
+        and all(p.isidentifier() for p in parts)
+        and root not in sys.stdlib_module_names
+        and root not in _NEVER_DATA
+        and root not in _CRITICAL_ROOTS
+        and severity_of(qualified) is not Severity.CRITICAL
+    )

@@ -29,6 +29,9 @@ class Verdict(str, enum.Enum):
     UNSAFE = "UNSAFE"
     UNVERIFIABLE = "UNVERIFIABLE"
     UNSUPPORTED = "UNSUPPORTED"
+    #: not a model file: no loader the scan stands in for reads these bytes (see
+    #: :mod:`trainguard.artifacts.model_files`); it does not change the exit status
+    SKIPPED = "SKIPPED"
 
     def __str__(self) -> str:
         return self.value
@@ -140,14 +143,18 @@ class FileReport:
 
 @dataclass(frozen=True)
 class ScanReport:
-    """The scan of everything asked for. ``errors`` are paths that could not be read."""
+    """The scan of everything asked for. ``errors`` are paths that could not be read;
+    ``excluded`` counts the files in the folders that --include/--exclude left out."""
 
     files: tuple[FileReport, ...]
     errors: tuple[str, ...] = ()
+    excluded: int = 0
 
     @property
     def safe(self) -> bool:
-        return not self.errors and all(f.verdict is Verdict.SAFE for f in self.files)
+        return not self.errors and all(
+            f.verdict in (Verdict.SAFE, Verdict.SKIPPED) for f in self.files
+        )
 
     @property
     def verdict(self) -> Verdict:
@@ -155,7 +162,10 @@ class ScanReport:
         for v in (Verdict.UNSAFE, Verdict.UNVERIFIABLE, Verdict.UNSUPPORTED):
             if v in verdicts:
                 return v
-        return Verdict.UNVERIFIABLE if self.errors else Verdict.SAFE
+        if self.errors:
+            return Verdict.UNVERIFIABLE
+        # only skipped files: nothing was analysed, so the scan does not say SAFE
+        return Verdict.SKIPPED if verdicts == {Verdict.SKIPPED} else Verdict.SAFE
 
     def counts(self) -> dict[str, int]:
         out = {v.value: 0 for v in Verdict}
@@ -167,6 +177,7 @@ class ScanReport:
         return {
             "verdict": self.verdict.value,
             "counts": self.counts(),
+            "excluded": self.excluded,
             "files": [f.to_dict() for f in self.files],
             "errors": list(self.errors),
         }

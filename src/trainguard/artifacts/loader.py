@@ -6,19 +6,26 @@ bytes (no second read of the path, so the file cannot be swapped in between). Th
 unpickler's ``find_class`` admits only the allowlist, so even a gap in the analysis
 could not reach a callable outside it. Tensors are views into the private buffer, as
 ``torch.load`` reads each record into memory.
+
+Objects of classes outside the allowlist that the analysis accepts as data (see
+docs/scan-policy.md) come back as :class:`InertObject` records, their modules never
+imported, unless the caller names the classes in ``allow``: then the real classes are
+imported and rebuilt.
 """
 
 from __future__ import annotations
 
+import copyreg
 import io
 import os
 import pickle
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from trainguard._io import describe_mode, display, read_stream_capped, reason
-from trainguard.artifacts.allowlist import rule_for
+from trainguard.artifacts.allowlist import allowing, caller_allows, reconstructible, rule_for
 from trainguard.artifacts.budget import DEFAULT_MAX_MEMORY, MemoryBudget
 from trainguard.artifacts.formats.pickles import LEGACY_MAGIC, storage_itemsizes
 from trainguard.artifacts.interface import Analysis, FormatError, Verdict
@@ -31,6 +38,7 @@ from trainguard.errors import (
     Severity,
     UnsafeCheckpointError,
     UnsupportedFormatError,
+    UsageError,
 )
 
 MapLocation = Any
@@ -85,14 +93,48 @@ def read_private(path: str | os.PathLike[str], budget: MemoryBudget | None = Non
         raise InputError(f"{shown}: cannot read: {reason(exc)}") from exc
 
 
+@dataclass(frozen=True)
+class InertObject:
+    """An object the file rebuilds from a class that was not imported: its data only.
+
+    ``cls`` is the class's qualified name (``module.Name``); ``state`` the attributes the
+    file gives it (``None`` if none), ``args`` the value an enum member is looked up by.
+    Pass ``allow=[cls]`` to :func:`load` to get the real object instead.
+    """
+
+    cls: str
+    args: tuple[Any, ...] = ()
+    state: Any = None
+
+
+class _InertClass:
+    """Stands in for a class that is not imported; rebuilding it makes an InertObject."""
+
+    def __init__(self, qualified: str, *, callable_: bool) -> None:
+        self.qualified = qualified
+        self.callable = callable_
+
+    def rebuild(self, args: tuple[Any, ...] = ()) -> InertObject:
+        return InertObject(self.qualified, tuple(args))
+
+    def __call__(self, *args: Any) -> InertObject:
+        if not self.callable:  # the analysis refuses such a call first
+            raise pickle.UnpicklingError(f"{self.qualified} may not be called")
+        return self.rebuild(args)
+
+
 def load(
-    path: str | os.PathLike[str], map_location: MapLocation = None, *, max_memory: int | None = None
+    path: str | os.PathLike[str],
+    map_location: MapLocation = None,
+    *,
+    max_memory: int | None = None,
+    allow: Iterable[str] | None = None,
 ) -> Any:
     """Load a model file without executing code from it. See :func:`trainguard.load`."""
     name = os.fspath(path)
     budget = MemoryBudget(DEFAULT_MAX_MEMORY if max_memory is None else max_memory)
     data = read_private(name, budget)
-    return load_bytes(data, display(name), map_location=map_location, budget=budget)
+    return load_bytes(data, display(name), map_location=map_location, budget=budget, allow=allow)
 
 
 def load_bytes(
@@ -101,12 +143,26 @@ def load_bytes(
     map_location: MapLocation = None,
     *,
     budget: MemoryBudget | None = None,
+    allow: Iterable[str] | None = None,
 ) -> Any:
     """Analyse ``data`` and, if it is safe, rebuild its object from the same bytes.
 
     ``budget`` (1 GiB when not given) bounds what the analysis and the rebuild allocate
-    beyond ``data`` itself.
+    beyond ``data`` itself. Classes named in ``allow`` (``module.Name``) are trusted:
+    imported and rebuilt for real; other classes outside the allowlist that the file
+    rebuilds as plain data come back as :class:`InertObject` records.
     """
+    try:
+        trusted = allowing(allow)
+    except ValueError as exc:
+        raise UsageError(f"allow: {exc}") from exc
+    with trusted:
+        return _load_bytes(data, name, map_location, budget)
+
+
+def _load_bytes(
+    data: bytearray, name: str, map_location: MapLocation, budget: MemoryBudget | None
+) -> Any:
     budget = budget if budget is not None else MemoryBudget()
     buf = memoryview(data)
     analysis = analyse_buffer(buf, budget)
@@ -137,6 +193,8 @@ def _dispatch(
         return _load_torch_zip(data, buf, map_location, analysis.budget)
     if fmt == "torch-legacy":
         return _load_torch_legacy(data, buf, map_location)
+    if fmt == "torch-tar":
+        return _load_torch_tar(data, buf, map_location)
     if fmt == "pickle":
         end = analyse_pickle(buf, 0, Analysis("pickle")).end
         return RestrictedUnpickler(io.BytesIO(buf[:end])).load()
@@ -196,6 +254,53 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = _load_build
 
+    # Objects rebuilt as data from classes that are not imported: records, not calls.
+
+    def _load_build_record(self) -> None:
+        stack = self.stack  # type: ignore[attr-defined]
+        if len(stack) >= 2 and isinstance(stack[-2], InertObject):
+            state = stack.pop()
+            if stack[-1].state is not None:
+                raise pickle.UnpicklingError("second BUILD on a rebuilt object")
+            object.__setattr__(stack[-1], "state", state)
+            return
+        self._load_build()
+
+    def _load_newobj(self) -> None:
+        stack = self.stack  # type: ignore[attr-defined]
+        if len(stack) >= 2 and isinstance(stack[-2], _InertClass):
+            args = stack.pop()
+            stack[-1] = stack[-1].rebuild() if not args else _refuse(stack[-1])
+            return
+        self.load_newobj()  # type: ignore[attr-defined]
+
+    def _load_newobj_ex(self) -> None:
+        stack = self.stack  # type: ignore[attr-defined]
+        if len(stack) >= 3 and isinstance(stack[-3], _InertClass):
+            kwargs, args = stack.pop(), stack.pop()
+            stack[-1] = stack[-1].rebuild() if not (args or kwargs) else _refuse(stack[-1])
+            return
+        self.load_newobj_ex()  # type: ignore[attr-defined]
+
+    def _load_reduce(self) -> None:
+        stack = self.stack  # type: ignore[attr-defined]
+        if (
+            len(stack) >= 2
+            and any(stack[-2] is f for f in _RECONSTRUCTORS)
+            and isinstance(stack[-1], tuple)
+            and stack[-1]
+            and isinstance(stack[-1][0], _InertClass)
+        ):
+            args = stack.pop()
+            stack[-1] = args[0].rebuild()
+            return
+        self.load_reduce()  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _load_build_record
+    dispatch[pickle.NEWOBJ[0]] = _load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+
     def __init__(self, file: io.BytesIO, persistent: PersistentLoad | None = None) -> None:
         super().__init__(file, encoding="utf-8")
         self._persistent = persistent
@@ -207,8 +312,15 @@ class RestrictedUnpickler(pickle._Unpickler):
         if mapped is None:
             mapped = (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
         qualified = f"{mapped[0]}.{mapped[1]}"
-        if rule_for(qualified) is None:
+        if caller_allows(qualified):
+            return super().find_class(module, name)
+        rule = rule_for(qualified)
+        if rule is None and reconstructible(qualified):
+            return _InertClass(qualified, callable_=False)
+        if rule is None:
             raise pickle.UnpicklingError(f"global {qualified} is not allowed")
+        if rule.record:
+            return _InertClass(qualified, callable_=True)
         if name.endswith("Storage") and module in ("torch", "torch.cuda", "torch.storage"):
             # As torch.load does: a storage class only says which dtype the bytes hold.
             return StorageType(name)
@@ -218,6 +330,17 @@ class RestrictedUnpickler(pickle._Unpickler):
         if self._persistent is None:
             raise pickle.UnpicklingError("persistent ids are not allowed here")
         return self._persistent(pid)
+
+
+_RECONSTRUCTORS = (
+    copyreg._reconstructor,  # type: ignore[attr-defined]
+    copyreg.__newobj__,  # type: ignore[attr-defined]
+    copyreg.__newobj_ex__,  # type: ignore[attr-defined]
+)
+
+
+def _refuse(stand_in: _InertClass) -> Any:
+    raise pickle.UnpicklingError(f"{stand_in.qualified} rebuilt with arguments")
 
 
 class StorageType:
@@ -358,6 +481,85 @@ def _load_torch_legacy(data: bytearray, buf: memoryview, map_location: MapLocati
 
     main = buf[bounds[3][0] : bounds[3][1]]
     result = RestrictedUnpickler(io.BytesIO(main), persistent_load).load()
+    _validate_sparse()
+    return result
+
+
+def _tar_members(buf: memoryview) -> dict[str, tuple[int, int]]:
+    import tarfile
+
+    from trainguard.artifacts.formats.other import _View
+
+    members: dict[str, tuple[int, int]] = {}
+    with tarfile.open(fileobj=_View(buf), mode="r:") as tar:
+        for info in tar:
+            if info.isfile():
+                members[info.name] = (info.offset_data, info.size)
+    return members
+
+
+def _load_torch_tar(data: bytearray, buf: memoryview, map_location: MapLocation) -> Any:
+    """The pre-1.0 tar format, read as torch's ``legacy_load`` reads it: storages (each a
+    record and its bytes), views of them, tensors over them, then the pickle, whose
+    persistent ids are the tensors' and storages' keys."""
+    import torch
+
+    members = _tar_members(buf)
+    restore = _restorer(map_location)
+    objects: dict[int, Any] = {}
+
+    def next_pickle(start: int, end: int) -> tuple[Any, int]:
+        stop = analyse_pickle(buf[:end], start, Analysis("tar")).end
+        return RestrictedUnpickler(io.BytesIO(buf[start:stop])).load(), stop
+
+    start, size = members["storages"]
+    end = start + size
+    count, pos = next_pickle(start, end)
+    for _ in range(count):
+        (key, location, storage_type), pos = next_pickle(pos, end)
+        if not isinstance(storage_type, StorageType):
+            raise pickle.UnpicklingError("storage record without a storage type")
+        numel = int.from_bytes(buf[pos : pos + 8], "little", signed=True)
+        nbytes = numel * storage_type.itemsize
+        if numel < 0 or pos + 8 + nbytes > end:
+            raise FormatError("storage data runs past the end")
+        objects[key] = _typed(restore(_view(data, pos + 8, nbytes), location), storage_type)
+        pos += 8 + nbytes
+    views, pos = next_pickle(pos, end)
+    for target, root_key, offset, numel in views:
+        root = objects[root_key]
+        itemsize = root.element_size()
+        part = root._untyped_storage[offset * itemsize : (offset + numel) * itemsize]
+        objects[target] = torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
+            wrap_storage=part, dtype=root.dtype, _internal=True
+        )
+
+    start, size = members["tensors"]
+    end = start + size
+    count, pos = next_pickle(start, end)
+    for _ in range(count):
+        (key, storage_id, _kind), pos = next_pickle(pos, end)
+        storage = objects[storage_id]
+        ndim = int.from_bytes(buf[pos : pos + 4], "little", signed=True)
+        if ndim < 0 or pos + 16 + 16 * ndim > end:
+            raise FormatError("tensor record runs past the end")
+        words = [
+            int.from_bytes(buf[p : p + 8], "little", signed=True)
+            for p in range(pos + 8, pos + 16 + 16 * ndim, 8)
+        ]
+        sizes, strides, offset = words[:ndim], words[ndim : 2 * ndim], words[-1]
+        objects[key] = torch.empty((0,), dtype=storage.dtype).set_(
+            storage._untyped_storage, offset, sizes, strides
+        )
+        pos += 16 + 16 * ndim
+
+    def persistent_load(pid: Any) -> Any:
+        if isinstance(pid, tuple):
+            raise pickle.UnpicklingError("module source records are not supported")
+        return objects[int(pid)]
+
+    start, size = members["pickle"]
+    result = RestrictedUnpickler(io.BytesIO(buf[start : start + size]), persistent_load).load()
     _validate_sparse()
     return result
 

@@ -5,76 +5,64 @@ it was assembled (STACK_GLOBAL over memoised strings, DUP, GET tricks), and it c
 every operation that makes the unpickler run code: calls (REDUCE, NEWOBJ, NEWOBJ_EX,
 OBJ, INST), BUILD (``__setstate__``), item and append opcodes on non-containers,
 extension codes, and persistent ids. Nothing is imported and nothing is executed.
+
+A class outside the allowlist that :func:`~trainguard.artifacts.allowlist.reconstructible`
+admits is judged by its uses (:mod:`~trainguard.artifacts.pickle_data`): rebuilt as data
+(NEWOBJ with no arguments, or copyreg's reconstructors, then one BUILD with a dict of plain
+attributes) it is listed in a LOW note; any other use is a finding.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from trainguard.artifacts.allowlist import TENSOR_TYPES, rule_for, severity_of
+from trainguard.artifacts.allowlist import (
+    NN_MODULE,
+    RECONSTRUCTORS,
+    TENSOR_TYPES,
+    Rule,
+    reconstructible,
+    rule_for,
+    severity_of,
+)
 from trainguard.artifacts.budget import BudgetExceeded
 from trainguard.artifacts.interface import Analysis, FormatError
+from trainguard.artifacts.pickle_data import DataRules
 from trainguard.artifacts.pickle_ops import Blob, OpReader
+from trainguard.artifacts.pickle_values import (
+    MARK,
+    UNKNOWN,
+    Const,
+    Container,
+    Global,
+    Made,
+    Persistent,
+    Value,
+    _describe,
+    _items,
+    _Mark,
+    _taint,
+    tainted,
+)
 from trainguard.errors import Severity
 
+__all__ = [
+    "DETECTOR",
+    "BuildHook",
+    "Const",
+    "Container",
+    "Global",
+    "Made",
+    "Persistent",
+    "PickleAnalyser",
+    "PickleResult",
+    "Value",
+    "analyse_pickle",
+]
+
 DETECTOR = "pickle"
-
-
-# --- abstract values ---------------------------------------------------------------
-
-
-class Value:
-    """Something on the simulated stack."""
-
-    __slots__ = ()
-
-
-@dataclass(eq=False, slots=True)
-class Const(Value):
-    value: object
-
-
-@dataclass(eq=False, slots=True)
-class Global(Value):
-    module: str
-    name: str
-    offset: int
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-@dataclass(eq=False, slots=True)
-class Container(Value):
-    kind: str  # tuple list dict set frozenset
-    items: list[Value] = field(default_factory=list)
-
-
-@dataclass(eq=False, slots=True)
-class Made(Value):
-    """The result of calling ``callee`` (an allowed global, or anything when unsafe)."""
-
-    callee: Value
-    args: Value
-    offset: int
-    state: Value | None = None
-
-
-@dataclass(eq=False, slots=True)
-class Persistent(Value):
-    pid: Value
-    offset: int
-
-
-class _Mark:
-    __slots__ = ()
-
-
-MARK = _Mark()
-UNKNOWN = Const(None)
 
 
 @dataclass
@@ -93,7 +81,7 @@ class PickleResult:
 BuildHook = Callable[[Made, int], int]
 
 
-class PickleAnalyser:
+class PickleAnalyser(DataRules):
     """Simulates one pickle. Findings go to ``analysis``; parse failures raise FormatError."""
 
     def __init__(
@@ -122,6 +110,11 @@ class PickleAnalyser:
         # memory (and the real unpickler's) by the budget, whatever the stream repeats
         self._max_ops = analysis.budget.max_values()
         self._reported: set[str] = set()
+        self.deferred: list[Global] = []
+        #: argument tuples of copyreg reconstructors, and how often each was one
+        self._recon_args: dict[int, tuple[Container, int]] = {}
+        #: classes from outside the standard library and torch/numpy the pickle names
+        self.outside: set[str] = set()
 
     # --- findings ---
 
@@ -141,6 +134,8 @@ class PickleAnalyser:
         item = self.stack.pop()
         if isinstance(item, _Mark):
             raise FormatError("unexpected MARK on the stack", member=self.member, offset=offset)
+        if isinstance(item, (Global, Container)):
+            item.uses += 1
         return item
 
     def top(self, offset: int) -> Value:
@@ -157,6 +152,8 @@ class PickleAnalyser:
             if isinstance(item, _Mark):
                 items.reverse()
                 return items
+            if isinstance(item, (Global, Container)):
+                item.uses += 1
             items.append(item)
 
     # --- the run ---
@@ -174,6 +171,7 @@ class PickleAnalyser:
                 )
             if op.name == "STOP":
                 root = self.pop(op.offset)
+                self.settle(op.offset)
                 if self.stack:
                     self.finding(
                         Severity.LOW, "values left on the stack at STOP", op.offset, "stop-left"
@@ -200,7 +198,11 @@ class PickleAnalyser:
                 module = _compat_pickle.IMPORT_MAPPING[module]
         ref = Global(module, name, offset)
         self.globals.append(ref)
-        if rule_for(ref.qualified) is None:
+        rule = rule_for(ref.qualified)
+        if rule is None and reconstructible(ref.qualified):
+            ref.deferred = True  # judged by its uses, at STOP
+            self.deferred.append(ref)
+        elif rule is None:
             self.finding(
                 severity_of(ref.qualified),
                 f"imports {ref.qualified} (not in the allowlist)",
@@ -210,8 +212,24 @@ class PickleAnalyser:
 
     # --- the operations that run code ---
 
-    def call(self, callee: Value, args: Value, offset: int, how: str) -> Made:
+    def call(
+        self, callee: Value, args: Value, offset: int, how: str, kwargs: Value | None = None
+    ) -> Made:
         made = Made(callee, args, offset)
+        if isinstance(callee, Global) and (
+            (how.startswith("NEWOBJ") and callee.deferred) or callee.qualified in RECONSTRUCTORS
+        ):
+            return self.rebuild(callee, args, kwargs, offset, how)
+        if isinstance(kwargs, Container) and kwargs.items:
+            # NEWOBJ_EX: the keywords reach the class's __new__ like the arguments do
+            args = Container("tuple", [*_items(args), *kwargs.items[1::2]])
+        if tainted(args) or tainted(kwargs):
+            self.finding(
+                Severity.HIGH,
+                f"{how} passes an object rebuilt as data to {_describe(callee)} (the callee "
+                "could run its class's code: __hash__, __index__, __iter__)",
+                offset,
+            )
         if not isinstance(callee, Global):
             self.finding(
                 Severity.CRITICAL,
@@ -229,11 +247,27 @@ class PickleAnalyser:
                 offset,
             )
         else:
-            self.check_arguments(callee.qualified, args, offset)
+            self.check_arguments(callee.qualified, args, offset, rule)
         return made
 
-    def check_arguments(self, qualified: str, args: Value, offset: int) -> None:
+    def check_arguments(self, qualified: str, args: Value, offset: int, rule: Rule) -> None:
         items = args.items if isinstance(args, Container) else None
+        if rule.args != "any":
+            values = items if items is not None else [UNKNOWN]
+            consts = [v.value for v in values if isinstance(v, Const)]
+            plain = len(consts) == len(values)
+            ok = {
+                "empty": not values,
+                "strings": plain and all(isinstance(v, str) for v in consts),
+                "one": len(values) == 1 and plain,
+            }[rule.args]
+            if not ok:
+                self.finding(
+                    Severity.HIGH,
+                    f"{qualified} called with arguments other than its known-inert form "
+                    f"({rule.args})",
+                    offset,
+                )
         if qualified == "_codecs.encode":
             encoding = items[1] if items and len(items) == 2 else None
             if not (isinstance(encoding, Const) and encoding.value in ("latin1", "latin-1")):
@@ -241,10 +275,18 @@ class PickleAnalyser:
         elif qualified == "torch._tensor._rebuild_from_type_v2":
             func = items[0] if items and len(items) == 4 else None
             kind = items[1] if items and len(items) == 4 else None
-            if not (isinstance(func, Global) and (rule := rule_for(func.qualified)) and rule.call):
+            fn = rule_for(func.qualified) if isinstance(func, Global) else None
+            if (
+                not isinstance(func, Global)
+                or fn is None
+                or not fn.call
+                or func.qualified in RECONSTRUCTORS  # their arguments are checked in rebuild
+            ):
                 self.finding(
                     Severity.HIGH, "_rebuild_from_type_v2 with a disallowed function", offset
                 )
+            elif items:  # it calls func(*args): the same argument rules as a direct call
+                self.check_arguments(func.qualified, items[2], offset, fn)
             if not (isinstance(kind, Global) and kind.qualified in TENSOR_TYPES):
                 self.finding(Severity.HIGH, "_rebuild_from_type_v2 with a non-tensor type", offset)
         elif qualified == "torch._utils._rebuild_wrapper_subclass":
@@ -257,6 +299,9 @@ class PickleAnalyser:
     def build(self, offset: int) -> None:
         state = self.pop(offset)
         target = self.top(offset)
+        if isinstance(target, Made) and target.rebuilt:
+            self.build_data(target, state, offset)
+            return
         rule = None
         if isinstance(target, Made) and isinstance(target.callee, Global):
             rule = rule_for(target.callee.qualified)
@@ -269,6 +314,13 @@ class PickleAnalyser:
         if target.state is not None:
             # a first BUILD can plant an instance __setstate__ that a second one calls
             self.finding(Severity.HIGH, f"second BUILD on {_describe(target)}", offset)
+        if (rule.setstate or rule is NN_MODULE) and tainted(state):
+            # a module calls what its state holds (forward, hooks, submodules)
+            self.finding(
+                Severity.HIGH,
+                f"BUILD gives {_describe(target)} an object rebuilt as data in its state",
+                offset,
+            )
         is_dict = isinstance(state, Container) and state.kind == "dict"
         if (
             not rule.setstate
@@ -291,9 +343,18 @@ class PickleAnalyser:
         if self.build_hook is not None and target.callee.module == "joblib.numpy_pickle":
             self.reader.pos = self.build_hook(target, self.reader.pos)
 
-    def set_items(self, target: Value, offset: int, opname: str) -> None:
+    def set_items(
+        self, target: Value, offset: int, opname: str, values: list[Value] | None = None
+    ) -> None:
         if isinstance(target, Container) and target.kind == "dict":
             return
+        if isinstance(target, Made) and any(tainted(v) for v in values or ()):
+            # an OrderedDict of hooks: torch calls its values (forward and backward hooks)
+            self.finding(
+                Severity.HIGH,
+                f"{opname} puts an object rebuilt as data into {_describe(target)}",
+                offset,
+            )
         if isinstance(target, Made) and isinstance(target.callee, Global):
             rule = rule_for(target.callee.qualified)
             if rule is not None and rule.items:
@@ -306,6 +367,9 @@ class PickleAnalyser:
         kinds = {"APPEND": "list", "APPENDS": "list", "ADDITEMS": "set"}
         if isinstance(target, Container) and target.kind == kinds[opname]:
             target.items.extend(items)
+            _taint(target, items)
+            if opname == "ADDITEMS":
+                self.hashed(items, offset)
             return
         method = "add" if opname == "ADDITEMS" else "append/extend"
         self.finding(Severity.HIGH, f"{opname} on {_describe(target)} (calls its {method})", offset)
@@ -323,19 +387,6 @@ class PickleAnalyser:
                 "memo-huge",
             )
         return index
-
-
-def _describe(value: Value) -> str:
-    if isinstance(value, Global):
-        return f"the global {value.qualified}"
-    if isinstance(value, Made):
-        callee = value.callee.qualified if isinstance(value.callee, Global) else "a computed object"
-        return f"an object made by {callee}"
-    if isinstance(value, Container):
-        return f"a {value.kind}"
-    if isinstance(value, Persistent):
-        return "a persistent object"
-    return "a constant"
 
 
 # --- opcode handlers ---------------------------------------------------------------
@@ -427,7 +478,9 @@ def _tuple_of(n: int) -> Handler:
     def handler(a: PickleAnalyser, arg: object, offset: int) -> None:
         items = [a.pop(offset) for _ in range(n)]
         items.reverse()
-        a.stack.append(Container("tuple", items))
+        made = Container("tuple", items)
+        _taint(made, items)
+        a.stack.append(made)
 
     return handler
 
@@ -444,7 +497,11 @@ def _empty(kind: str) -> Handler:
 
 def _from_mark(kind: str) -> Handler:
     def handler(a: PickleAnalyser, arg: object, offset: int) -> None:
-        a.stack.append(Container(kind, a.pop_mark(offset)))
+        made = Container(kind, a.pop_mark(offset))
+        _taint(made, made.items)
+        if kind == "frozenset":
+            a.hashed(made.items, offset)
+        a.stack.append(made)
 
     return handler
 
@@ -467,7 +524,10 @@ def _dict(a: PickleAnalyser, arg: object, offset: int) -> None:
     items = a.pop_mark(offset)
     if len(items) % 2:
         raise FormatError("odd number of items for DICT", member=a.member, offset=offset)
-    a.stack.append(Container("dict", items))
+    made = Container("dict", items)
+    _taint(made, items)
+    a.hashed(items[::2], offset)
+    a.stack.append(made)
 
 
 @_on("APPEND")
@@ -492,9 +552,11 @@ def _setitem(a: PickleAnalyser, arg: object, offset: int) -> None:
     value = a.pop(offset)
     key = a.pop(offset)
     target = a.top(offset)
-    a.set_items(target, offset, "SETITEM")
+    a.set_items(target, offset, "SETITEM", [value])
+    a.hashed([key], offset)
     if isinstance(target, Container):
         target.items += [key, value]
+        _taint(target, [key, value])
 
 
 @_on("SETITEMS")
@@ -503,9 +565,11 @@ def _setitems(a: PickleAnalyser, arg: object, offset: int) -> None:
     if len(items) % 2:
         raise FormatError("odd number of items for SETITEMS", member=a.member, offset=offset)
     target = a.top(offset)
-    a.set_items(target, offset, "SETITEMS")
+    a.set_items(target, offset, "SETITEMS", items[1::2])
+    a.hashed(items[::2], offset)
     if isinstance(target, Container):
         target.items += items
+        _taint(target, items)
 
 
 @_on("PUT", "BINPUT", "LONG_BINPUT")
@@ -576,10 +640,10 @@ def _newobj(a: PickleAnalyser, arg: object, offset: int) -> None:
 
 @_on("NEWOBJ_EX")
 def _newobj_ex(a: PickleAnalyser, arg: object, offset: int) -> None:
-    a.pop(offset)  # kwargs
+    kwargs = a.pop(offset)
     args = a.pop(offset)
     cls = a.pop(offset)
-    a.stack.append(a.call(cls, args, offset, "NEWOBJ_EX"))
+    a.stack.append(a.call(cls, args, offset, "NEWOBJ_EX", kwargs))
 
 
 @_on("REDUCE")
@@ -608,6 +672,8 @@ def _ext(a: PickleAnalyser, arg: object, offset: int) -> None:
 def _persid(a: PickleAnalyser, arg: object, offset: int) -> None:
     pid: Value = Const(arg) if arg is not None else a.pop(offset)
     ref = Persistent(pid, offset)
+    if tainted(pid):
+        a.finding(Severity.HIGH, "persistent id holds an object rebuilt as data", offset)
     if not a.allow_persistent:
         a.finding(
             Severity.MEDIUM,

@@ -73,7 +73,8 @@ def to_sarif(report: ScanReport, *, lazy: bool = False) -> dict[str, object]:
 
     def make() -> Iterator[dict[str, object]]:
         for file in report.files:
-            yield from _file_results(file, rule)
+            if file.verdict is not Verdict.SKIPPED:  # not model files: no result, one note
+                yield from _file_results(file, rule)
 
     count = sum(1 for _ in make())  # registers every rule, in order
     results: list[dict[str, object]] = _Results(make, count) if lazy else list(make())
@@ -95,12 +96,25 @@ def to_sarif(report: ScanReport, *, lazy: bool = False) -> dict[str, object]:
                         "executionSuccessful": not report.errors,
                         "toolExecutionNotifications": [
                             {"level": "error", "message": {"text": e}} for e in report.errors
-                        ],
+                        ]
+                        + _skipped_note(report),
                     }
                 ],
             }
         ],
     }
+
+
+def _skipped_note(report: ScanReport) -> list[dict[str, object]]:
+    """One note-level notification counting the files that are not model files."""
+    skipped = report.counts().get(Verdict.SKIPPED.value, 0)
+    if not skipped:
+        return []
+    text = (
+        f"{skipped} file(s) skipped: not model files (no pickle, PyTorch, NumPy, joblib "
+        "or safetensors loader reads them)"
+    )
+    return [{"level": "note", "message": {"text": text}}]
 
 
 def _file_results(file: FileReport, rule: Callable[[str, str], int]) -> Iterator[dict[str, object]]:

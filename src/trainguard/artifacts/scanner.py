@@ -24,6 +24,7 @@ from trainguard._io import display, open_regular, reason
 from trainguard.artifacts.budget import DEFAULT_MAX_MEMORY, MemoryBudget
 from trainguard.artifacts.formats import HEAD_SIZE, identify
 from trainguard.artifacts.formats.archives import ZipFormat, has_trailing_zip
+from trainguard.artifacts.formats.other import TorchTarFormat
 from trainguard.artifacts.formats.pickles import PickleFormat, analyse_stream
 from trainguard.artifacts.interface import (
     UNSAFE_AT,
@@ -33,6 +34,8 @@ from trainguard.artifacts.interface import (
     ScanReport,
     Verdict,
 )
+from trainguard.artifacts.model_files import JOBLIB_UNREAD, is_tar, why_skipped
+from trainguard.artifacts.selection import Selection
 from trainguard.errors import Finding, InputError, Severity
 
 #: Called after each file is scanned, with the number done and the number of files.
@@ -58,9 +61,18 @@ def analyse_buffer(buf: memoryview, budget: MemoryBudget | None = None) -> Analy
             return analysis
         if has_trailing_zip(buf):
             handler = ZipFormat()
+        elif is_tar(buf):  # a tar without the ustar magic: torch.load reads it all the same
+            handler = TorchTarFormat()
         else:
             analysis = Analysis("unknown", supported=False, budget=budget)
-            analysis.add(Severity.INFO, "format", "unrecognised format")
+            what = next((w for magic, w in JOBLIB_UNREAD if head.startswith(magic)), None)
+            analysis.add(
+                Severity.INFO,
+                "format",
+                f"{what}: joblib.load reads it, this scanner does not"
+                if what
+                else "unrecognised format",
+            )
             return analysis
     analysis = Analysis(handler.name, budget=budget)
     _run(handler.analyse, buf, analysis)
@@ -126,7 +138,13 @@ def _run(step: Callable[[memoryview, Analysis], None], buf: memoryview, analysis
 
 
 def report_for(path: str, buf: memoryview, budget: MemoryBudget | None = None) -> FileReport:
+    """The scan of one file's bytes: SKIPPED if they are not a model file (see
+    :mod:`trainguard.artifacts.model_files`), else the verdict of their analysis."""
     analysis = analyse_buffer(buf, budget)
+    skipped = why_skipped(buf, analysis)
+    if skipped is not None:
+        note = Finding(Severity.INFO, "format", "", f"not a model file: {skipped}")
+        return FileReport(path, "unknown", Verdict.SKIPPED, (note,), len(buf))
     findings = sorted(analysis.findings, key=lambda f: (-f.severity, f.member or "", f.offset or 0))
     return FileReport(path, analysis.format, analysis.verdict, tuple(findings), len(buf))
 
@@ -333,13 +351,25 @@ def _leaves(entry: os.DirEntry[str], roots: list[str], errors: list[str]) -> boo
 
 
 def collect(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[str]]:
-    """Expand folders recursively (following links, each folder once).
+    """Expand folders recursively (following links, each folder once): files and errors."""
+    files, errors, _ = collect_selected(paths)
+    return files, errors
+
+
+def collect_selected(
+    paths: Sequence[str | os.PathLike[str]], selection: Selection | None = None
+) -> tuple[list[str], list[str], int]:
+    """Expand folders recursively (following links, each folder once): the files, the
+    errors, and how many files ``selection`` (--include/--exclude) left out.
 
     Every path is read or refused: a missing path, a broken link, a folder that cannot be
-    listed (at any depth) is an error, never skipped in silence.
+    listed (at any depth) is an error, never skipped in silence. The selection applies to
+    what is found in folders, never to a path named, and an excluded folder is not entered.
     """
+    select = selection if selection else None
     files: list[str] = []
     errors: list[str] = []
+    excluded = 0
     seen: set[tuple[int, int]] = set()
     roots: list[str] = []  # the named folders, resolved: links may lead anywhere inside
 
@@ -360,6 +390,7 @@ def collect(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[st
         # depth first with our own stack: os.walk recurses, and a folder tree a thousand
         # levels deep would end the scan with RecursionError
         roots.append(os.path.realpath(path))
+        base = path.rstrip("/") + "/" if path.rstrip("/") else "/"  # globs match below it
         stack = [path]
         while stack:
             root = stack.pop()
@@ -367,7 +398,13 @@ def collect(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[st
                 here = os.stat(root)
                 with os.scandir(root) as listing:
                     entries = sorted(listing, key=lambda e: e.name)
-                dirs = [e.path for e in entries if _is_dir(e) and not _leaves(e, roots, errors)]
+                dirs = [
+                    e.path
+                    for e in entries
+                    if _is_dir(e)
+                    and (select is None or select.enters(_relative(e.path, base)))
+                    and not _leaves(e, roots, errors)
+                ]
             except OSError as exc:
                 errors.append(f"{display(root)}: cannot read folder: {reason(exc)}")
                 continue
@@ -375,9 +412,24 @@ def collect(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[st
             if key in seen:
                 continue  # a link back up the tree: walking on would never end
             seen.add(key)
-            files.extend(e.path for e in entries if not _is_dir(e))
+            if select is None:
+                files.extend(e.path for e in entries if not _is_dir(e))
+                stack.extend(reversed(dirs))
+                continue
+            for e in entries:
+                if _is_dir(e):
+                    continue
+                if select.reads(_relative(e.path, base)):
+                    files.append(e.path)
+                else:
+                    excluded += 1
             stack.extend(reversed(dirs))
-    return files, errors
+    return files, errors, excluded
+
+
+def _relative(found: str, base: str) -> str:
+    """A path found under the folder ``base`` (with its trailing /), relative to it."""
+    return found[len(base) :] if found.startswith(base) else os.path.relpath(found, base)
 
 
 def scan_paths(
@@ -386,16 +438,20 @@ def scan_paths(
     progress: Progress | None = None,
     max_memory: int | None = None,
     baseline: int = 0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> ScanReport:
     """Scan files and folders; unreadable paths are listed in ``errors``, not raised.
 
     ``max_memory`` (bytes, default :data:`DEFAULT_MAX_MEMORY`, 1 GiB) bounds what the
     scan of each file may allocate, and what is read from stdin; ``baseline`` is memory
     already in use that counts against it (the command line passes its own resident set).
-    A file that would need more is UNVERIFIABLE.
+    A file that would need more is UNVERIFIABLE. ``include``/``exclude`` are globs over
+    the paths found in folders (see :mod:`trainguard.artifacts.selection`); files that are
+    not model files are in the report as SKIPPED.
     """
     limit = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-    files, errors = collect(paths)
+    files, errors, excluded = collect_selected(paths, Selection(tuple(include), tuple(exclude)))
     reports: list[FileReport] = []
     for done, path in enumerate(files, 1):
         budget = MemoryBudget(limit, baseline=baseline)
@@ -415,4 +471,4 @@ def scan_paths(
             errors.append(f"{display(path)}: cannot scan: {type(exc).__name__}: {exc}"[:500])
         if progress is not None:
             progress(done, len(files))
-    return ScanReport(tuple(reports), tuple(errors))
+    return ScanReport(tuple(reports), tuple(errors), excluded)

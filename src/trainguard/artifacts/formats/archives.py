@@ -45,12 +45,18 @@ class ZipFormat:
 
     def analyse(self, buf: memoryview, analysis: Analysis) -> None:
         members = parse_zip(buf, analysis)
-        pickles = [m for m in members if m.name.endswith(".pkl")]
-        arrays = [m for m in members if m.name.endswith(".npy")]
+        # PyTorch's reader looks names up ignoring ASCII case
+        pickles = [m for m in members if m.name.lower().endswith(".pkl")]
+        # numpy.load opens any ZIP as an npz and parses every member that starts with
+        # the .npy magic as an array, whatever its name: in a checkpoint too
+        chosen = {id(m) for m in pickles}
+        arrays = [m for m in members if id(m) not in chosen and _starts_npy(buf, m, analysis)]
         if pickles:
             analysis.format = "torch-zip"
             analyse_torch(buf, members, pickles, analysis)
-        elif arrays:
+            for member in arrays:
+                analyse_npz_member(buf, member, analysis)
+        elif arrays or any(m.name.endswith(".npy") for m in members):
             analysis.format = "npz"
             for member in members:
                 analyse_npz_member(buf, member, analysis)
@@ -63,24 +69,35 @@ class ZipFormat:
             analysis.add(Severity.INFO, "format", "ZIP archive with no pickle or array members")
 
 
+def _starts_npy(buf: memoryview, member: ZipMember, analysis: Analysis) -> bool:
+    try:
+        return member_prefix(buf, member, 6, analysis.budget.available) == b"\x93NUMPY"
+    except FormatError:
+        return False  # unreadable: the reading that needs it reports it
+
+
 def analyse_torch(
     buf: memoryview, members: list[ZipMember], pickles: list[ZipMember], analysis: Analysis
 ) -> None:
     by_name = {m.name: m for m in members}
     prefix = torch_archive_prefix(members)
-    if prefix is None or f"{prefix}/data.pkl" not in by_name:
+    folded = {m.name.lower() for m in members}
+    if prefix is None or f"{prefix}/data.pkl".lower() not in folded:
         analysis.fail(
             FormatError(
                 "PyTorch's reader would not find data.pkl under the first entry's folder "
                 f"({prefix!r}): not loadable by torch.load"
             )
         )
-    if any("/code/" in f"/{m.name}" for m in members):
+    if any("/code/" in f"/{m.name.lower()}" for m in members):  # found ignoring case
         analysis.add(
             Severity.MEDIUM,
             "torchscript",
             "TorchScript archive: holds code that torch.jit.load compiles and runs",
         )
+        from trainguard.artifacts.torchscript import describe_code
+
+        describe_code(buf, members, analysis)  # what the code defines and calls (-v)
     referenced: set[str] = set()
     for member in pickles:
         try:
@@ -101,8 +118,9 @@ def analyse_torch(
             continue
         folder = member.name.rsplit("/", 1)[0] if "/" in member.name else ""
         referenced.update(check_storages(result, folder, by_name, analysis, member.name))
+    chosen = {id(m) for m in pickles}
     for member in members:
-        if member.name.endswith(".pkl") or member.name in referenced:
+        if id(member) in chosen or member.name in referenced:
             continue
         if member.name.rsplit("/", 1)[-1] not in _TORCH_RECORDS:
             analyse_stray(buf, member, analysis)

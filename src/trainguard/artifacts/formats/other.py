@@ -69,7 +69,17 @@ class TorchTarFormat:
     name = "torch-tar"
 
     def sniff(self, head: bytes, size: int) -> bool:
-        return len(head) >= 262 and head[257:262] == b"ustar"
+        if len(head) >= 262 and head[257:262] == b"ustar":
+            return True
+        # torch.load tries tarfile first, which also reads pre-POSIX (v7) headers with no
+        # magic at all: a first block whose checksum holds is a tar to it
+        if len(head) < 512 or not any(head[:100]):
+            return False
+        try:
+            tarfile.TarInfo.frombuf(head[:512], "utf-8", "surrogateescape")
+        except (tarfile.HeaderError, ValueError):
+            return False
+        return True
 
     def analyse(self, buf: memoryview, analysis: Analysis) -> None:
         members: dict[str, tuple[int, int]] = {}
@@ -102,7 +112,10 @@ class TorchTarFormat:
                 continue
             view = buf[start : start + size]
             try:
-                if name in ("pickle", "sys_info"):
+                if name == "pickle":  # its persistent ids name the tensors (legacy_load)
+                    main = analyse_pickle(view, 0, analysis, member=name, allow_persistent=True)
+                    analyse_tail(view, main.end, analysis, member=name)
+                elif name == "sys_info":
                     analyse_stream(view, analysis, member=name)
                 elif name == "storages":
                     _storages(view, analysis)

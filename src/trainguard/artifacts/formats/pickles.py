@@ -14,13 +14,13 @@ import zlib
 from collections.abc import Callable
 
 from trainguard.artifacts.budget import BudgetExceeded
+from trainguard.artifacts.formats.joblib_arrays import joblib_hook, plain_reading
 from trainguard.artifacts.interface import Analysis, FormatError
 from trainguard.artifacts.pickle_analysis import (
     BuildHook,
     Const,
     Container,
     Global,
-    Made,
     PickleResult,
     Value,
     analyse_pickle,
@@ -59,14 +59,6 @@ def const(value: Value | None) -> object:
     return value.value if isinstance(value, Const) else None
 
 
-def dict_items(value: Value | None) -> dict[object, Value]:
-    """The constant-keyed entries of a simulated dict (later keys win, as in Python)."""
-    if not isinstance(value, Container) or value.kind != "dict":
-        return {}
-    items = value.items
-    return {const(items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}
-
-
 class PickleFormat:
     """A file that starts with a pickle: plain, legacy PyTorch, or joblib."""
 
@@ -83,10 +75,19 @@ class PickleFormat:
         analyse_stream(buf, analysis, member=None)
 
 
-def analyse_stream(buf: memoryview, analysis: Analysis, *, member: str | None) -> None:
-    """Analyse every pickle in ``buf``; recognise legacy PyTorch and joblib on the way."""
+def analyse_stream(
+    buf: memoryview, analysis: Analysis, *, member: str | None, plain: bool = True
+) -> None:
+    """Analyse every pickle in ``buf``; recognise legacy PyTorch and joblib on the way.
+
+    A joblib stream is read twice, as joblib reads it and as a plain unpickler does
+    (``plain``, unless the stream was decompressed: plain loaders cannot read it then);
+    the worst reading wins.
+    """
     hook = joblib_hook(buf, analysis, member)
     first = analyse_pickle(buf, 0, analysis, member=member, build_hook=hook)
+    if hook.skipped and plain:
+        plain_reading(buf, analysis, member)
     if any(g.module == "joblib.numpy_pickle" for g in first.globals):
         analysis.format = "joblib"
     if const(first.root) == LEGACY_MAGIC:
@@ -171,67 +172,41 @@ def _legacy_torch(
     return pos
 
 
-def joblib_hook(buf: memoryview, analysis: Analysis, member: str | None) -> BuildHook:
-    """Skip (or analyse, for object arrays) the array bytes joblib writes after BUILD."""
-
-    def after_build(wrapper: Made, pos: int) -> int:
-        state = dict_items(wrapper.state)
-        dtype = state.get("dtype")
-        shape = state.get("shape")
-        if not (isinstance(dtype, Made) and isinstance(shape, Container)):
-            raise FormatError("joblib array wrapper without dtype and shape", member=member)
-        args = dtype.args.items if isinstance(dtype.args, Container) else []
-        descr = const(args[0]) if args else None
-        dstate = dtype.state.items if isinstance(dtype.state, Container) else []
-        flags = const(dstate[7]) if len(dstate) > 7 else 0
-        if not isinstance(descr, str):
-            raise FormatError("joblib array wrapper with an unreadable dtype", member=member)
-        if descr.startswith("O") or (isinstance(flags, int) and flags & 1):
-            nested = analyse_pickle(buf, pos, analysis, member=member, build_hook=after_build)
-            return nested.end
-        elsize = const(dstate[5]) if len(dstate) > 5 else -1
-        itemsize = elsize if isinstance(elsize, int) and elsize > 0 else _itemsize(descr, member)
-        count = 1
-        for dim in shape.items:
-            n = const(dim)
-            if not isinstance(n, int) or n < 0:
-                raise FormatError("joblib array with an invalid shape", member=member)
-            count *= n
-        if "numpy_array_alignment_bytes" in state and pos < len(buf):
-            pos += 1 + buf[pos]
-        end = pos + count * itemsize
-        if end > len(buf):
-            raise FormatError("joblib array data runs past the end", member=member, offset=pos)
-        return end
-
-    return after_build
-
-
-def _itemsize(descr: str, member: str | None) -> int:
-    import numpy
-
-    if len(descr) > 64:
-        raise FormatError("joblib dtype description too long", member=member)
-    try:
-        return int(numpy.dtype(descr).itemsize)
-    except (TypeError, ValueError) as exc:
-        raise FormatError(f"joblib array with unknown dtype {descr!r}", member=member) from exc
-
-
 # --- compressed joblib dumps -----------------------------------------------------------
 
 _Decompressor = Callable[[], "zlib._Decompress | bz2.BZ2Decompressor | lzma.LZMADecompressor"]
 _COMPRESSED: list[tuple[bytes, str, _Decompressor]] = [
+    (b"ZF", "zfile", lambda: zlib.decompressobj()),
     (b"\x78", "zlib", lambda: zlib.decompressobj()),
     (b"\x1f\x8b", "gzip", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)),
     (b"BZh", "bz2", bz2.BZ2Decompressor),
     (b"\xfd7zXZ\x00", "xz", lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ)),
     (b"\x5d\x00\x00", "lzma", lambda: lzma.LZMADecompressor(lzma.FORMAT_ALONE)),
 ]
+#: Codecs joblib reads with ``bz2.BZ2File`` and ``lzma.LZMAFile``: they go on into every
+#: stream concatenated after the first (any lzma container, whatever the first was) and
+#: ignore trailing bytes that start none. Its zlib and gzip readers stop at the first.
+_NEXT_STREAM: dict[str, _Decompressor] = {
+    "bz2": bz2.BZ2Decompressor,
+    "xz": lambda: lzma.LZMADecompressor(lzma.FORMAT_AUTO),
+    "lzma": lambda: lzma.LZMADecompressor(lzma.FORMAT_AUTO),
+}
+#: joblib < 0.10 wrote "ZF", the uncompressed length in hex padded to 19 characters,
+#: then a zlib stream; joblib.load still reads it (``load_compatibility``).
+_ZFILE_HEADER = 2 + 19
+_BZ2_STARTS = (b"1AY&SY", b"\x17rE8P\x90")  # a block, or the end of an empty stream
+
+
+def _zfile_length(head: bytes) -> int | None:
+    try:
+        return int(head[2:_ZFILE_HEADER], 16)
+    except ValueError:
+        return None
 
 
 class CompressedPickleFormat:
-    """joblib's compressed dumps (zlib, gzip, bz2, xz, lzma): inflated, bounded, analysed."""
+    """joblib's compressed dumps (zlib, gzip, bz2, xz, lzma, and joblib < 0.10's zlib
+    files): inflated as joblib inflates them, bounded, analysed."""
 
     name = "joblib-compressed"
 
@@ -243,35 +218,74 @@ class CompressedPickleFormat:
             if head.startswith(magic):
                 if codec == "zlib" and (len(head) < 2 or (head[0] * 256 + head[1]) % 31):
                     continue  # not a valid zlib header
-                if codec == "bz2" and head[4:10] != b"1AY&SY":
+                if codec == "bz2" and (
+                    head[3:4] not in b"123456789" or head[4:10] not in _BZ2_STARTS
+                ):
+                    continue
+                if codec == "zfile" and _zfile_length(head) is None:
                     continue
                 return codec, make
         return None
 
     def analyse(self, buf: memoryview, analysis: Analysis) -> None:
-        found = self._codec(bytes(buf[:16]))
+        found = self._codec(bytes(buf[:_ZFILE_HEADER]))
         assert found is not None
         codec, make = found
         limit = min(MAX_DECOMPRESSED, analysis.budget.available)
-        data = decompress_bounded(buf, make(), codec, limit)
-        analysis.format = f"joblib ({codec})"
+        if codec == "zfile":
+            declared = _zfile_length(bytes(buf[:_ZFILE_HEADER]))
+            # joblib skips one space after the header (Python 2 wrote one more)
+            start = _ZFILE_HEADER + (bytes(buf[_ZFILE_HEADER : _ZFILE_HEADER + 1]) == b" ")
+            data = decompress_bounded(buf[start:], make(), "zlib", limit)
+            if len(data) != declared:
+                raise FormatError(
+                    f"old joblib file declares {declared} bytes but holds {len(data)}: "
+                    "joblib.load refuses it"
+                )
+            analysis.format = "joblib (zfile)"
+        else:
+            data = decompress_bounded(buf, make(), codec, limit)
+            analysis.format = f"joblib ({codec})"
         with analysis.budget.hold(len(data), f"the decompressed {codec} stream"):
-            analyse_stream(memoryview(data), analysis, member=f"<{codec} stream>")
+            analyse_stream(memoryview(data), analysis, member=f"<{codec} stream>", plain=False)
 
 
 def decompress_bounded(
     buf: memoryview, engine: object, codec: str, limit: int = MAX_DECOMPRESSED
 ) -> bytearray:
-    """Decompress with a hard cap (``limit`` bytes: the memory budget) on the output size."""
+    """Decompress with a hard cap (``limit`` bytes: the memory budget) on the output size.
+
+    For bz2, xz and lzma, the streams concatenated after the first are decompressed too,
+    as joblib's readers do.
+    """
     out = bytearray()
     step = 1 << 20
     pos = 0
-    decompress = engine.decompress  # type: ignore[attr-defined]
+    restart = _NEXT_STREAM.get(codec)
+    pending = b""
+    following = False  # a stream after the first, that has produced nothing yet
     try:
-        while pos < len(buf) and not getattr(engine, "eof", False):
-            chunk = bytes(buf[pos : pos + step])
-            pos += len(chunk)
-            out += decompress(chunk, limit + 1 - len(out))
+        while True:
+            if getattr(engine, "eof", False):
+                rest = bytes(getattr(engine, "unused_data", b""))
+                if restart is None or (not rest and pos >= len(buf)):
+                    break
+                engine, pending, following = restart(), rest, True
+            if pending:
+                chunk, pending = pending, b""
+            elif pos < len(buf):
+                chunk = bytes(buf[pos : pos + step])
+                pos += len(chunk)
+            else:
+                break
+            try:
+                produced = engine.decompress(chunk, limit + 1 - len(out))  # type: ignore[attr-defined]
+            except (OSError, lzma.LZMAError):
+                if following:
+                    return out  # trailing bytes that start no stream: ignored, as joblib does
+                raise
+            following = following and not produced
+            out += produced
             tail = getattr(engine, "unconsumed_tail", b"")
             if len(out) > limit or tail:
                 raise BudgetExceeded(
@@ -280,6 +294,6 @@ def decompress_bounded(
                 )
     except (zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
         raise FormatError(f"corrupt {codec} stream: {exc}") from exc
-    if not getattr(engine, "eof", True):
+    if not getattr(engine, "eof", True) and not following:
         raise FormatError(f"truncated {codec} stream")
     return out
