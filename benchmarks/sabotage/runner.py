@@ -228,6 +228,8 @@ class Bench:
         s, k = self.s, self.s.inject_step
         modes = {sc.params.get("mode") for sc in scenarios if sc.kind == "resume"}
         saves = [k // 2, k] if "older" in modes and k // 2 > 0 else [k]
+        if s.guard:  # the scenario runs' checkpoints too: the same schedule, the same run
+            saves = sorted({*saves, *self.config("plain").save_at})
         entries = []
         for base in s.bases:
             entries += [

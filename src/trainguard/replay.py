@@ -37,7 +37,9 @@ from trainguard.runtime.core import state_fresh
 from trainguard.runtime.metrics_log import CHAIN0
 from trainguard.runtime.replay_mode import ENV, Plan
 
-#: the row fields a faithful re-execution reproduces (time, pids, tails and code differ)
+#: the row fields a faithful re-execution reproduces (time, pids, tails and code differ;
+#: the data commitment folds every batch since the Guard started, so a run resumed
+#: elsewhere holds another: the interval's digest is compared instead)
 REPRODUCED = (
     "params",
     "buffers",
@@ -45,16 +47,16 @@ REPRODUCED = (
     "hyperparameters",
     "lr",
     "lr0",
-    "data_commit",
-    "data_interval",
-    "data_loss",
     "rng_torch",
     "rng_cuda",
-    "rng_python",
-    "rng_numpy",
-    "grad_norm_mean",
     "optimizer_state",
 )
+# Python's and NumPy's generators are left out: a job restores its own copies of them
+# around a resume, and its code may draw from them in places a resume moves (what they
+# change in the computation shows in the per-step values)
+#: fields over the interval since the last check: compared only where the replay ran the
+#: whole interval
+INTERVAL = ("data_interval", "data_loss", "grad_norm_mean")
 _STEP_VALUES = ("loss", "grad_norm", "lr")
 
 
@@ -152,6 +154,10 @@ class Verdict:
     check: int | None = None  # the first check whose rows differ
     fields: dict[str, list[int]] = field(default_factory=dict)
     cause: str = ""
+    #: the first step whose loss differs on some rank
+    loss_step: int | None = None
+    #: the batches differ in the first interval the replay ran whole after ``step``
+    data: bool = False
     #: the step whose action the divergence is put down to: the step itself for another
     #: learning rate or other data, the step before for another state entering it
     cause_step: int | None = None
@@ -179,6 +185,7 @@ def compare(original: Record, replay: Record, start: int, tolerance: float = 0.0
     verdict = Verdict(start, replayed[-1] if replayed else None, None)
     verdict.notes = [*original.notes, *replay.notes]
     for step in replayed:
+        ranks, values = [], {}
         for rank, lines in sorted(replay.steps.items()):
             mine, theirs = lines.get(step), original.steps.get(rank, {}).get(step)
             if mine is None or theirs is None:
@@ -189,13 +196,18 @@ def compare(original: Record, replay: Record, start: int, tolerance: float = 0.0
                 if _differs(theirs.get(name), mine.get(name), tolerance)
             }
             if changed:
-                verdict.ranks.append(rank)
-                verdict.values[str(rank)] = changed
-        if verdict.ranks:
-            verdict.step = step
+                ranks.append(rank)
+                values[str(rank)] = changed
+        if ranks and verdict.step is None:
+            verdict.step, verdict.ranks, verdict.values = step, ranks, values
+        if any("loss" in v for v in values.values()):
+            verdict.loss_step = step
             break
-        verdict.reproduced_to = step
+        if verdict.step is None:
+            verdict.reproduced_to = step
     _compare_checks(original, replay, start, verdict)
+    if verdict.step is not None:
+        verdict.data = _data_differs(original, replay, start, verdict.step)
     verdict.cause = _cause(verdict)
     verdict.cause_step = _cause_step(verdict)
     return verdict
@@ -205,14 +217,29 @@ def _cause_step(v: Verdict) -> int | None:
     if v.step is None:
         return None
     what = {name for values in v.values.values() for name in values}
-    data = "data_commit" in v.fields or "data_interval" in v.fields
-    return v.step if "lr" in what or data else v.step - 1
+    return v.step if "lr" in what or v.data else v.step - 1
+
+
+def _data_differs(original: Record, replay: Record, start: int, after: int) -> bool:
+    """Whether the batches differ in the first interval the replay ran whole that holds a
+    step at or after ``after`` (the interval's data digest, per rank)."""
+    for step in sorted(s for s in replay.checks if s > after and s in original.checks):
+        if step - original.every < start:
+            continue
+        mine, theirs = replay.checks[step], original.checks[step]
+        if "data_interval" not in mine["fields"] or "data_interval" not in theirs["fields"]:
+            return False
+        a, b = mine["fields"].index("data_interval"), theirs["fields"].index("data_interval")
+        return any(r[a] != o[b] for r, o in zip(mine["rows"], theirs["rows"], strict=False))
+    return False
 
 
 def _compare_checks(original: Record, replay: Record, start: int, verdict: Verdict) -> None:
     for step in sorted(s for s in replay.checks if s > start and s in original.checks):
         mine, theirs = replay.checks[step], original.checks[step]
-        names = [n for n in REPRODUCED if n in mine["fields"] and n in theirs["fields"]]
+        whole = step - original.every >= start  # the replay ran the interval's every step
+        wanted = REPRODUCED + (INTERVAL if whole else ())
+        names = [n for n in wanted if n in mine["fields"] and n in theirs["fields"]]
         if not state_fresh(step, original.every):
             names = [n for n in names if n != "optimizer_state"]  # a stale hash either way
         found: dict[str, list[int]] = {}
@@ -236,7 +263,7 @@ def _cause(v: Verdict) -> str:
         if "lr" in what:
             parts.append(f"step {v.step} ran with another learning rate on rank(s) {ranks}")
         else:
-            data = "data_commit" in v.fields or "data_interval" in v.fields
+            data = v.data
             source = (
                 "the data it read"
                 if data

@@ -268,3 +268,22 @@ def test_each_check_records_one_digest_of_every_ranks_data_commitment(tmp_path, 
     events = [e.payload.get("event") for e in read_entries(run_dir)[0]]
     assert "data-commitment" not in events, "no entry of its own at each check"
     assert "data-commitments" in events, "each rank's, once, at close"
+
+
+def test_entries_deleted_before_the_last_one_are_seen_at_the_next_check(tmp_path, owner):
+    """The cut raced with the writer (the attacker chose the last rows, then the run wrote
+    one more): entries deleted behind the rank's latest one. No number is handed out
+    again; the live look at the entries the rank wrote last sees them gone."""
+    run_dir = tmp_path / "run"
+    model, optimizer, guard = guarded(run_dir, owner[0])
+    train(model, optimizer, guard, 7)
+    recorded = records(run_dir)
+    conn = db(run_dir)
+    conn.execute("DELETE FROM entries WHERE seq = ?", (recorded[-1] - 1,))
+    conn.close()
+    train(model, optimizer, guard, 6)
+    guard.close()
+    (alert,) = guard.alerts
+    assert alert.detector == "ledger"
+    assert f"{recorded[-1] - 1}" in alert.message
+    assert "deleted or rewritten" in alert.message

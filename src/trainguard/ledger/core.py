@@ -156,6 +156,10 @@ def _write_run_key(folder: Path, key: Ed25519PrivateKey) -> None:
     os.replace(tmp, folder / RUN_KEY_NAME)
 
 
+#: how many of its latest entries a writer remembers for the live look (``recent``)
+RECENT = 16
+
+
 class Ledger:
     """One run's append-only, hash-chained, signed event log.
 
@@ -189,6 +193,9 @@ class Ledger:
         self.first_claim: tuple[int, str] | None = None
         self.tail_claim: tuple[int, str] | None = None
         self.cut_from: int | None = None
+        #: the (seq, hash) of the last entries it wrote, for a live look at whether they
+        #: are still there (runtime/core.py, LedgerWatch)
+        self.recent: deque[tuple[int, str]] = deque(maxlen=RECENT)
 
     # --- creating and opening -----------------------------------------------------
 
@@ -504,6 +511,7 @@ class Ledger:
         if not written:
             return
         self.written += len(written)
+        self.recent.extend((e.seq, e.hash) for e in written)
         if self.first_claim is None:
             self.first_claim = (written[0].seq, written[0].hash)
         if self.cut_from is not None:

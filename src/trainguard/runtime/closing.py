@@ -64,7 +64,10 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
         attempt("writing the per-step metrics file", guard._write_metrics)
         attempt("closing the per-step metrics file", guard._metrics.close)
     if guard.ledger is not None:
-        attempt("looking for peers that are gone", lambda: report_gone_peers(guard))
+        # after a failed collective a peer may still be dying (its sockets closed before
+        # its process is gone): looked for a moment longer, never in a healthy close
+        wait = _PEER_WAIT_S if getattr(getattr(guard, "comm", None), "failed", False) else 0.0
+        attempt("looking for peers that are gone", lambda: report_gone_peers(guard, wait))
         watch = getattr(guard, "ledger_watch", None)
         if watch is not None:
             attempt("checking the ledger", watch.at_check)
@@ -113,6 +116,10 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
     if ended and guard.rank == 0:
         append_once(guard, "run", "run.closed", payload)
     attempt("closing the ledger", guard.ledger.close)
+
+
+#: how long closing looks for a dying peer after a failed collective
+_PEER_WAIT_S = 1.0
 
 
 def _finish_check(guard: Guard) -> None:
@@ -246,12 +253,18 @@ def closed_peers(guard: Guard) -> set[int]:
     }
 
 
-def report_gone_peers(guard: Guard) -> None:
+def report_gone_peers(guard: Guard, wait: float = 0.0) -> None:
     """Alerts for the peers on this host that are gone without their closing entry; a
-    rank that wrote it (stopped by the same SIGTERM or Ctrl-C) was not killed unseen."""
+    rank that wrote it (stopped by the same SIGTERM or Ctrl-C) was not killed unseen.
+    ``wait``: seconds to keep looking while no peer is dead yet."""
     host = socket.gethostname()
-    dead = {r for r, (where, pid) in enumerate(guard._peers) if where == host}
-    dead = {r for r in dead if not pid_alive(guard._peers[r][1])}
+    local = {r for r, (where, pid) in enumerate(guard._peers) if where == host}
+    deadline = time.monotonic() + wait
+    while True:
+        dead = {r for r in local if not pid_alive(guard._peers[r][1])}
+        if dead or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
     if not dead:
         return
     closed = closed_peers(guard)  # read after: a peer dead above wrote it before dying

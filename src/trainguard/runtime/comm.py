@@ -107,6 +107,8 @@ class CommTimer:
         #: called with (where, error) when the wrappers' own bookkeeping fails: the
         #: collective itself is the job's and is never held up or changed by it
         self.on_fault: Callable[[str, BaseException], None] = lambda where, exc: None
+        #: a collective this rank took part in failed (closing.py: peers that died)
+        self.failed = False
         self.active = dist.is_available() and dist.is_initialized()
         if not self.active:
             return
@@ -194,17 +196,28 @@ class CommTimer:
                 if counted:
                     with self._lock:
                         self._pending += 1
-                work.get_future().then(lambda fut: self._done(started, reduced, before, counted))
+                work.get_future().then(
+                    lambda fut: self._done(started, reduced, before, counted, _failed(fut))
+                )
             else:
                 self._done(started, reduced, before)
         except Exception as exc:
             self.on_fault("the all-reduce sensor", exc)
 
     def _done(
-        self, started: float, reduced: Any, before: Any = None, counted: bool = False
+        self,
+        started: float,
+        reduced: Any,
+        before: Any = None,
+        counted: bool = False,
+        failed: bool = False,
     ) -> None:
         try:
-            self._book(started, reduced, before)
+            if failed:
+                # a peer gone, a timeout: closing then looks a moment longer for dead peers
+                self.failed = True
+            else:
+                self._book(started, reduced, before)
         finally:
             if counted:
                 with self._lock:
@@ -316,6 +329,15 @@ class CommTimer:
 
 #: seconds grads_changed waits for sampled results' completion callbacks
 _CALLBACK_WAIT = 2.0
+
+
+def _failed(future: Any) -> bool:
+    """Whether a completed collective's future holds an error (never raises)."""
+    try:
+        future.value()
+    except Exception:
+        return True
+    return False
 
 
 def moments(tensor: Any) -> Any:

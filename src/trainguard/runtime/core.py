@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sqlite3
 import types
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -285,6 +286,21 @@ class SensorChecks(BaseDetector):
             self.seeds.seed = torch.initial_seed()
 
 
+def _missing(path: Path, recent: list[tuple[int, str]]) -> list[int]:
+    """Which of the (seq, hash) this rank wrote are no longer in the ledger file as written
+    (a read-only look; the writer's own connection and lock are left alone)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+    try:
+        marks = ",".join("?" * len(recent))
+        rows = conn.execute(
+            f"SELECT seq, hash FROM entries WHERE seq IN ({marks})", [s for s, _ in recent]
+        ).fetchall()
+    finally:
+        conn.close()
+    found = {int(seq): str(digest) for seq, digest in rows}
+    return [seq for seq, digest in recent if found.get(seq) != digest]
+
+
 class LedgerWatch(BaseDetector):
     """The run's ledger file deleted or replaced, or its folder no longer writable: the
     record this run is writing goes nowhere. Every rank on the host sees it (a rank that
@@ -295,7 +311,9 @@ class LedgerWatch(BaseDetector):
 
     def __init__(self, ctx: Context, ledger: Any) -> None:
         self.ctx = ctx
+        self.ledger = ledger
         self.lost = False
+        self.tampered = False  # reported once
         self.identity: tuple[int, int] | None = None
         self.path: Path | None = None
         path = getattr(getattr(ledger, "backend", None), "path", None)
@@ -308,6 +326,7 @@ class LedgerWatch(BaseDetector):
     def at_check(self) -> None:
         if self.identity is None or self.path is None or self.lost:
             return
+        self._look_at_recent()
         path = self.path
         try:
             info = os.stat(path)
@@ -332,6 +351,38 @@ class LedgerWatch(BaseDetector):
                 f"the run's ledger {path} {what} during training: the run's record is "
                 "incomplete from here on",
                 {"path": str(path), "seen_by": self.ctx.rank},
+            ),
+            0,
+        )
+
+    def _look_at_recent(self) -> None:
+        """The entries this rank wrote last, still in the ledger as written: entries
+        deleted or rewritten anywhere among them (not only at the end) are seen at the
+        next check, once. A read that fails (the file locked for long) is no finding."""
+        try:
+            recent = list(getattr(self.ledger, "recent", ()))
+        except RuntimeError:  # the writer thread added one meanwhile: the next check looks
+            return
+        if not recent or self.tampered or self.path is None:
+            return
+        if getattr(self.ledger, "cut_from", None) is not None:
+            return  # a cut this rank's own writes saw: ledger_tail.py reports it, better
+        try:
+            gone = _missing(self.path, recent)
+        except sqlite3.Error:
+            return
+        if not gone:
+            return
+        self.tampered = True
+        self.ctx.alert(
+            Alert(
+                self.ctx.at(),
+                None,
+                "ledger",
+                Severity.HIGH,
+                f"entries this rank wrote were deleted or rewritten in the run's ledger during "
+                f"training: {', '.join(map(str, gone[:8]))} (written by rank {self.ctx.rank})",
+                {"entries": gone, "seen_by": self.ctx.rank},
             ),
             0,
         )

@@ -174,6 +174,8 @@ class TailRecord:
         if cut is None or self.cut_reported:
             return
         self.cut_reported = True
+        if getattr(getattr(guard, "ledger_watch", None), "tampered", False):
+            return  # the live look at this rank's entries reported it already
         gone = ledger.tail_claim[0]
         guard._raise(
             Alert(
