@@ -286,17 +286,14 @@ class SensorChecks(BaseDetector):
             self.seeds.seed = torch.initial_seed()
 
 
-def _missing(path: Path, recent: list[tuple[int, str]]) -> list[int]:
+def _missing(conn: sqlite3.Connection, recent: list[tuple[int, str]]) -> list[int]:
     """Which of the (seq, hash) this rank wrote are no longer in the ledger file as written
-    (a read-only look; the writer's own connection and lock are left alone)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
-    try:
-        marks = ",".join("?" * len(recent))
-        rows = conn.execute(
-            f"SELECT seq, hash FROM entries WHERE seq IN ({marks})", [s for s, _ in recent]
-        ).fetchall()
-    finally:
-        conn.close()
+    (through a read-only connection of its own: the writer's connection and lock are left
+    alone)."""
+    marks = ",".join("?" * len(recent))
+    rows = conn.execute(
+        f"SELECT seq, hash FROM entries WHERE seq IN ({marks})", [s for s, _ in recent]
+    ).fetchall()
     found = {int(seq): str(digest) for seq, digest in rows}
     return [seq for seq, digest in recent if found.get(seq) != digest]
 
@@ -314,6 +311,7 @@ class LedgerWatch(BaseDetector):
         self.ledger = ledger
         self.lost = False
         self.tampered = False  # reported once
+        self._reader: sqlite3.Connection | None = None
         self.identity: tuple[int, int] | None = None
         self.path: Path | None = None
         path = getattr(getattr(ledger, "backend", None), "path", None)
@@ -355,6 +353,11 @@ class LedgerWatch(BaseDetector):
             0,
         )
 
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def _look_at_recent(self) -> None:
         """The entries this rank wrote last, still in the ledger as written: entries
         deleted or rewritten anywhere among them (not only at the end) are seen at the
@@ -368,7 +371,10 @@ class LedgerWatch(BaseDetector):
         if getattr(self.ledger, "cut_from", None) is not None:
             return  # a cut this rank's own writes saw: ledger_tail.py reports it, better
         try:
-            gone = _missing(self.path, recent)
+            if self._reader is None:
+                uri = f"file:{self.path}?mode=ro"
+                self._reader = sqlite3.connect(uri, uri=True, timeout=1.0, check_same_thread=False)
+            gone = _missing(self._reader, recent)
         except sqlite3.Error:
             return
         if not gone:
