@@ -6,7 +6,7 @@ PyTorch's ``weights_only`` loader needs for real checkpoints (tensors, storages,
 that plain array files need. Each entry says whether the global may be *called*
 (REDUCE, NEWOBJ, OBJ, INST) and whether BUILD or item-setting opcodes may run on the
 objects it returns; a global allowed as a value (a dtype, a storage class) is unsafe
-to call.
+to call; :func:`argument_findings` says which arguments the callables may take.
 
 It also holds the rule for data that is not code (docs/scan-policy.md): a short table of
 classes known to be inert when rebuilt (``argparse.Namespace``, ``pathlib``, ``datetime``,
@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from trainguard.artifacts.pickle_values import UNKNOWN, Const, Container, Global, Value
 from trainguard.errors import Severity
 
 
@@ -213,6 +214,55 @@ def severity_of(qualified: str) -> Severity:
     if any(qualified == n or qualified.startswith(n + ".") for n in _CRITICAL_NAMES):
         return Severity.CRITICAL
     return Severity.HIGH
+
+
+def argument_findings(qualified: str, args: Value, rule: Rule) -> list[tuple[Severity, str]]:
+    """What is wrong with the arguments a pickle passes to the allowed callable
+    ``qualified`` (the simulated ``args``): its rule's argument form, and the checks of the
+    few callables that call or rebuild what they are given. Empty when they are fine."""
+    found: list[tuple[Severity, str]] = []
+    items = args.items if isinstance(args, Container) else None
+    if rule.args != "any":
+        values = items if items is not None else [UNKNOWN]
+        consts = [v.value for v in values if isinstance(v, Const)]
+        plain = len(consts) == len(values)
+        ok = {
+            "empty": not values,
+            "strings": plain and all(isinstance(v, str) for v in consts),
+            "one": len(values) == 1 and plain,
+        }[rule.args]
+        if not ok:
+            found.append(
+                (
+                    Severity.HIGH,
+                    f"{qualified} called with arguments other than its known-inert form "
+                    f"({rule.args})",
+                )
+            )
+    if qualified == "_codecs.encode":
+        encoding = items[1] if items and len(items) == 2 else None
+        if not (isinstance(encoding, Const) and encoding.value in ("latin1", "latin-1")):
+            found.append((Severity.MEDIUM, "_codecs.encode with an unexpected codec"))
+    elif qualified == "torch._tensor._rebuild_from_type_v2":
+        func = items[0] if items and len(items) == 4 else None
+        kind = items[1] if items and len(items) == 4 else None
+        fn = rule_for(func.qualified) if isinstance(func, Global) else None
+        if (
+            not isinstance(func, Global)
+            or fn is None
+            or not fn.call
+            or func.qualified in RECONSTRUCTORS  # their arguments are checked in rebuild
+        ):
+            found.append((Severity.HIGH, "_rebuild_from_type_v2 with a disallowed function"))
+        elif items:  # it calls func(*args): the same argument rules as a direct call
+            found.extend(argument_findings(func.qualified, items[2], fn))
+        if not (isinstance(kind, Global) and kind.qualified in TENSOR_TYPES):
+            found.append((Severity.HIGH, "_rebuild_from_type_v2 with a non-tensor type"))
+    elif qualified == "torch._utils._rebuild_wrapper_subclass":
+        cls = items[0] if items else None
+        if not (isinstance(cls, Global) and cls.qualified in TENSOR_TYPES):
+            found.append((Severity.HIGH, "_rebuild_wrapper_subclass of a non-tensor type"))
+    return found
 
 
 #: Classes the caller trusts (``allow=[...]``, ``--allow``): rebuilt and called for real.

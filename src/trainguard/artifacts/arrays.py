@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from trainguard.artifacts.budget import MemoryBudget
-from trainguard.artifacts.interface import Analysis, FormatError
+from trainguard.artifacts.interface import Analysis, Format, FormatError
 from trainguard.artifacts.npy import npy_data_size, parse_npy_header
 from trainguard.artifacts.safetensors_check import check_safetensors
 from trainguard.artifacts.zipcheck import parse_zip, read_member
@@ -31,21 +31,16 @@ TORCH_DTYPES = {
 }  # fmt: skip
 
 
-def load_array_file(
-    fmt: str, data: bytearray, buf: memoryview, map_location: Any, budget: MemoryBudget
-) -> Any:
-    if fmt == "npy":
-        return load_npy(data, 0, len(buf))
-    if fmt == "npz":
-        out = {}
-        for member in parse_zip(buf, Analysis("npz")):
-            budget.reserve(member.size, "the array", member=member.name)  # kept by the result
-            got = read_member(buf, member, limit=member.size)
-            raw = got if isinstance(got, bytearray) else bytearray(got)
-            key = member.name[:-4] if member.name.endswith(".npy") else member.name
-            out[key] = load_npy(raw, 0, len(raw)) if raw.startswith(b"\x93NUMPY") else bytes(raw)
-        return out
-    return load_safetensors(data, buf, map_location)
+def load_npz(buf: memoryview, budget: MemoryBudget) -> dict[str, Any]:
+    """Each member of an npz archive: its array, or its raw bytes if it is not a .npy."""
+    out: dict[str, Any] = {}
+    for member in parse_zip(buf, Analysis(Format.NPZ)):
+        budget.reserve(member.size, "the array", member=member.name)  # kept by the result
+        got = read_member(buf, member, limit=member.size)
+        raw = got if isinstance(got, bytearray) else bytearray(got)
+        key = member.name[:-4] if member.name.endswith(".npy") else member.name
+        out[key] = load_npy(raw, 0, len(raw)) if raw.startswith(b"\x93NUMPY") else bytes(raw)
+    return out
 
 
 def load_npy(data: bytearray, start: int, end: int) -> Any:
@@ -55,7 +50,7 @@ def load_npy(data: bytearray, start: int, end: int) -> Any:
     header = parse_npy_header(view, 0)
     size = npy_data_size(header)
     if size is None:
-        from trainguard.artifacts.loader import RestrictedUnpickler
+        from trainguard.artifacts.unpickler import RestrictedUnpickler
 
         return RestrictedUnpickler(io.BytesIO(view[header.data_offset :])).load()
     descr: Any = header.descr
@@ -70,7 +65,7 @@ def load_npy(data: bytearray, start: int, end: int) -> Any:
 def load_safetensors(data: bytearray, buf: memoryview, map_location: Any) -> Any:
     import torch
 
-    infos = check_safetensors(buf, Analysis("safetensors"))
+    infos = check_safetensors(buf, Analysis(Format.SAFETENSORS))
     header_len = int.from_bytes(buf[:8], "little")
     start = 8 + header_len
     header = json.loads(bytes(buf[8:start]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import functools
 import os
+from collections.abc import Iterator
 
 from trainguard.artifacts.installed import vouched_source
 
@@ -101,10 +102,20 @@ class _Module:
                     self.bindings.setdefault(local, []).append((target, ""))
             elif isinstance(stmt, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 self.bindings.setdefault(stmt.name, []).append(stmt)
+                for node in ast.walk(stmt):  # ``global X`` in code the import may run
+                    if isinstance(node, ast.Global):
+                        for target in node.names:
+                            self.bindings.setdefault(target, []).append(stmt)
             else:
+                # a class, def or import in a loop, ``match`` or ``except*`` (not
+                # flattened above) binds its name at import too
+                nested = not isinstance(stmt, (ast.If, ast.Try, ast.With))
                 for node in ast.walk(stmt):
                     if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
                         self.bindings.setdefault(node.id, []).append(stmt)
+                    elif nested:
+                        for bound in _bound(node):
+                            self.bindings.setdefault(bound, []).append(stmt)
 
     def dotted(self, expr: ast.expr) -> str | None:
         """``a.b.C`` in this module as an absolute ``module.Name``, through its imports."""
@@ -173,14 +184,16 @@ def _check_class(mod: _Module, cls: ast.ClassDef, qualified: str, depth: int) ->
         if (mod.dotted(target) or "?") not in SAFE_DECORATORS:
             return f"{where}: decorated by {ast.unparse(target)[:60]} (it could replace the class)"
     tolerated = TOLERATED.get(qualified, frozenset())
-    for stmt in cls.body:
-        names: list[str] = []
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            names = [stmt.name]
-        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            names = [t.id for t in targets if isinstance(t, ast.Name)]
-        for found in set(names) & (DANGEROUS - tolerated):
+    for node in _class_scope(cls.body):
+        if (
+            isinstance(node, ast.Name)
+            and isinstance(node.ctx, ast.Load)
+            and node.id in _NAMESPACE_ACCESS
+        ):
+            return f"{where}: its body uses {node.id} (it can bind any name in the class)"
+        if isinstance(node, ast.Attribute) and node.attr in _NAMESPACE_ACCESS:
+            return f"{where}: its body uses .{node.attr} (it can bind any name in the class)"
+        for found in set(_bound(node)) & (DANGEROUS - tolerated):
             return f"{where}: defines {found}, which runs when it is rebuilt or collected"
     for base in cls.bases:
         expr = base.value if isinstance(base, ast.Subscript) else base
@@ -191,3 +204,50 @@ def _check_class(mod: _Module, cls: ast.ClassDef, qualified: str, depth: int) ->
         if why is not None:
             return why
     return None
+
+
+#: Names through which a class body reaches its own namespace without naming what it binds
+#: (``locals()['__setstate__'] = f``, ``exec``, a frame's ``f_locals``).
+_NAMESPACE_ACCESS = frozenset(
+    {"locals", "vars", "exec", "eval", "getattr", "__builtins__"}
+    | {"_getframe", "currentframe", "f_locals", "__dict__"}
+)
+
+
+def _class_scope(body: list[ast.stmt]) -> Iterator[ast.AST]:
+    """Every node the class body runs in the class's own namespace, at any depth (in if,
+    for, try, with blocks and expressions), but not the bodies of its functions, lambdas
+    or nested classes (whose names, decorators, defaults and bases it does run)."""
+    todo: list[ast.AST] = list(body)
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            todo += [*args.defaults, *(d for d in args.kw_defaults if d is not None)]
+            if not isinstance(node, ast.Lambda):  # annotations run unless postponed
+                every = [*args.posonlyargs, *args.args, *args.kwonlyargs]
+                every += [a for a in (args.vararg, args.kwarg) if a is not None]
+                todo += [a.annotation for a in every if a.annotation is not None]
+                todo += [*node.decorator_list, *([node.returns] if node.returns else [])]
+        elif isinstance(node, ast.ClassDef):
+            todo += [*node.decorator_list, *node.bases, *node.keywords]
+        else:
+            todo += ast.iter_child_nodes(node)
+
+
+def _bound(node: ast.AST) -> list[str]:
+    """The names ``node`` binds in the scope it runs in."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+        return [node.id]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [alias.asname or alias.name.split(".")[0] for alias in node.names]
+    if isinstance(node, ast.ExceptHandler) and node.name:
+        return [node.name]
+    if isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+        return [node.name]
+    if isinstance(node, ast.MatchMapping) and node.rest:
+        return [node.rest]
+    return []

@@ -44,7 +44,7 @@ from trainguard.artifacts.convert import (
     encode_file,
     write_verified,
 )
-from trainguard.artifacts.interface import UNSAFE_AT, Verdict
+from trainguard.artifacts.interface import UNSAFE_AT, Format, Verdict
 from trainguard.errors import (
     CheckpointError,
     Finding,
@@ -55,7 +55,7 @@ from trainguard.errors import (
 )
 
 #: Formats (as the analysis names them) that are converted: pickle-bearing checkpoints.
-CONVERTED_FORMATS = frozenset({"torch-zip", "torch-legacy", "pickle"})
+CONVERTED_FORMATS = frozenset({Format.TORCH_ZIP, Format.TORCH_LEGACY, Format.PICKLE})
 #: Handlers whose files may be such a checkpoint; files of any other kind are left alone.
 _CANDIDATE_HANDLERS = frozenset({"zip", "pickle"})
 INDEX_SUFFIX = ".index.json"

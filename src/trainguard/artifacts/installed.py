@@ -59,12 +59,16 @@ def _find(name: str, dirs: list[str]) -> tuple[str | None, list[str]]:
     """The file the path finder would run for ``name`` in ``dirs``, and the folders its
     submodules are searched in (none for a plain module)."""
     portions: list[str] = []
+    # the path finder's order: a package (its __init__ with any suffix, an extension
+    # first) before a module, each suffix in the order of its loaders
+    suffixes = (*importlib.machinery.EXTENSION_SUFFIXES, ".py", ".pyc")
     for folder in dirs:
         base = os.path.join(os.path.abspath(folder or os.curdir), name)
-        init = os.path.join(base, "__init__.py")
-        if os.path.isfile(init):
-            return init, [base]
-        for suffix in (*importlib.machinery.EXTENSION_SUFFIXES, ".py", ".pyc"):
+        for suffix in suffixes:
+            init = os.path.join(base, "__init__" + suffix)
+            if os.path.isfile(init):
+                return init, [base]
+        for suffix in suffixes:
             if os.path.isfile(base + suffix):
                 return base + suffix, []
         if os.path.isdir(base):
@@ -99,7 +103,7 @@ def _resolve(module: str, path: tuple[str, ...]) -> tuple[str | None, str | None
             return f"module {name} is not installed here", None
         if depth == 1:  # distributions record their files next to their dist-info
             site = os.path.dirname(found if found is not None else dirs[0])
-            if found is not None and found.endswith("__init__.py"):
+            if found is not None and os.path.basename(found).startswith("__init__."):
                 site = os.path.dirname(site)
         if found is None:
             continue
@@ -114,6 +118,25 @@ def _resolve(module: str, path: tuple[str, ...]) -> tuple[str | None, str | None
         except OSError as exc:
             return f"{shown} (module {name}) cannot be read: {exc.strerror or exc}", None
     return None, found
+
+
+def findable(module: str) -> bool:
+    """True if ``import module`` could find it here, as far as lookups tell: a built-in or
+    loaded module, or files the path finder finds for its parts. The import system does
+    not require identifiers: ``_sysconfigdata__linux_x86_64-linux-gnu`` is a stdlib file."""
+    if module in sys.builtin_module_names or module in sys.modules:
+        return True
+    dirs = list(sys.path)
+    parts = module.split(".")
+    for depth, part in enumerate(parts, 1):
+        if not part or "/" in part or "\0" in part or os.sep in part or part in (".", ".."):
+            return False  # the path finder looks names up in a folder's listing
+        found, dirs = _find(part, dirs)
+        if found is None and not dirs:
+            return False
+        if not dirs and depth < len(parts):
+            return True  # a plain module whose import could still make it a package
+    return True
 
 
 def unvouched(module: str) -> str | None:

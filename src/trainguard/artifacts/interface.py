@@ -1,7 +1,8 @@
 """Types shared by the model-file scanners: verdicts, reports, and the format handler protocol.
 
 Adding a file format is adding one module that implements :class:`FormatHandler`
-and registering it in :mod:`trainguard.artifacts.formats`.
+(recognise, analyse, load) and registering it in :mod:`trainguard.artifacts.formats`;
+the names a scan gives formats are the :class:`Format` enum.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import enum
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from trainguard.errors import Finding, Severity
 
@@ -20,6 +21,52 @@ if TYPE_CHECKING:
 
 #: A finding at or above this severity makes a file UNSAFE.
 UNSAFE_AT = Severity.MEDIUM
+
+
+class Format(str, enum.Enum):
+    """The formats a scan names. The values are what reports (text, JSON, SARIF) show."""
+
+    PICKLE = "pickle"
+    TORCH_LEGACY = "torch-legacy"
+    JOBLIB = "joblib"
+    #: a compressed joblib dump whose stream could not be inflated
+    JOBLIB_COMPRESSED = "joblib-compressed"
+    JOBLIB_ZLIB = "joblib (zlib)"
+    JOBLIB_GZIP = "joblib (gzip)"
+    JOBLIB_BZ2 = "joblib (bz2)"
+    JOBLIB_XZ = "joblib (xz)"
+    JOBLIB_LZMA = "joblib (lzma)"
+    #: joblib < 0.10's zlib files
+    JOBLIB_ZFILE = "joblib (zfile)"
+    ZIP = "zip"
+    TORCH_ZIP = "torch-zip"
+    NPZ = "npz"
+    KERAS = "keras"
+    NPY = "npy"
+    SAFETENSORS = "safetensors"
+    TORCH_TAR = "torch-tar"
+    TAR = "tar"
+    HDF5 = "hdf5"
+    GGUF = "gguf"
+    TFLITE = "tflite"
+    EMPTY = "empty"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The formats of compressed joblib dumps that were inflated.
+COMPRESSED_JOBLIB = frozenset(
+    {
+        Format.JOBLIB_ZLIB,
+        Format.JOBLIB_GZIP,
+        Format.JOBLIB_BZ2,
+        Format.JOBLIB_XZ,
+        Format.JOBLIB_LZMA,
+        Format.JOBLIB_ZFILE,
+    }
+)
 
 
 class Verdict(str, enum.Enum):
@@ -37,6 +84,10 @@ class Verdict(str, enum.Enum):
         return self.value
 
 
+class NotLoadable(Exception):
+    """Internal: a format that is scanned but that ``trainguard.load`` does not rebuild."""
+
+
 class FormatError(Exception):
     """Internal: the bytes do not parse as the format they claim. Becomes UNVERIFIABLE."""
 
@@ -50,13 +101,15 @@ class FormatError(Exception):
 class Analysis:
     """What a format handler found in one file (mutable while the handler works)."""
 
-    format: str
+    format: Format
     findings: list[Finding] = field(default_factory=list)
     #: set when part of the file could not be parsed: the file is then UNVERIFIABLE
     parse_error: str | None = None
     supported: bool = True
     #: what the analysis may still allocate (inflated members, decompressed streams)
     budget: MemoryBudget = field(default_factory=lambda: _default_budget())
+    #: the handler that recognised the file: the one that loads it
+    handler: FormatHandler | None = None
 
     def add(
         self,
@@ -97,9 +150,9 @@ def _default_budget() -> MemoryBudget:
 
 
 class FormatHandler(Protocol):
-    """One container format: recognise it from its first bytes, then analyse it."""
+    """One container format: recognise it from its first bytes, analyse it, load it."""
 
-    name: str
+    name: Format
 
     def sniff(self, head: bytes, size: int) -> bool:
         """True if ``head`` (the first bytes of a ``size``-byte file) is this format."""
@@ -107,13 +160,17 @@ class FormatHandler(Protocol):
     def analyse(self, buf: memoryview, analysis: Analysis) -> None:
         """Add findings to ``analysis``; raise :class:`FormatError` where parsing stops."""
 
+    def load(self, data: bytearray, analysis: Analysis, map_location: Any) -> Any:
+        """The object ``data`` (analysed as ``analysis``, found SAFE) rebuilds, without
+        running code from it; raise :class:`NotLoadable` for a format only scanned."""
+
 
 @dataclass(frozen=True)
 class FileReport:
     """The scan of one file."""
 
     path: str
-    format: str
+    format: Format
     verdict: Verdict
     findings: tuple[Finding, ...]
     size: int
@@ -127,7 +184,7 @@ class FileReport:
         shown with ``\\xNN`` escapes, and its exact bytes are in ``path_base64``)."""
         doc: dict[str, object] = {
             "path": json_text(self.path),
-            "format": self.format,
+            "format": str(self.format),
             "verdict": self.verdict.value,
             "size": self.size,
             "findings": [

@@ -16,8 +16,14 @@ anything from them before it gives up:
   nothing outside the allowlist. Two opcodes end the stream as surely: a persistent id
   (no loader gives a ``persistent_load`` to the pickle at byte 0, so all of them raise
   there) and an import of a module whose name is not a dotted Python identifier (such
-  as the ``onfig: x`` of a YAML line ``config: x``: no import statement can name it, so
-  it is no module of the environment's packages).
+  as the ``onfig: x`` of a YAML line ``config: x``) that the path finder does not find
+  either: the import system does not require identifiers (the standard library has
+  ``_sysconfigdata__linux_x86_64-linux-gnu``), it looks the name up in each folder.
+
+Where the unpicklers part, the one that goes on decides: the C unpickler reads a number
+line as a C string (a NUL ends it: ``I5\0x`` is 5); the pure-Python one (joblib's) reads
+a FRAME longer than the file as the rest of it, and a last GLOBAL or INST line without its
+newline (it imports, and INST calls, before it finds the end).
 
 A failure that is only the scanner's own limit (a line or memory bound, a number syntax
 the simulation reads more strictly than an unpickler) is not a reason to skip: the file
@@ -27,13 +33,22 @@ pickle, so one cut short stays UNVERIFIABLE.
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import re
 import tarfile
 
 from trainguard.artifacts.allowlist import rule_for
 from trainguard.artifacts.budget import BudgetExceeded
-from trainguard.artifacts.interface import UNSAFE_AT, Analysis, FormatError, Verdict
+from trainguard.artifacts.installed import findable
+from trainguard.artifacts.interface import (
+    COMPRESSED_JOBLIB,
+    UNSAFE_AT,
+    Analysis,
+    Format,
+    FormatError,
+    Verdict,
+)
 from trainguard.artifacts.pickle_analysis import PickleAnalyser
 from trainguard.artifacts.pickle_ops import OpReader
 from trainguard.errors import Finding
@@ -58,9 +73,10 @@ _CONCLUSIVE = (
     "odd number of items",
     "OBJ without a class",
     "unsupported pickle protocol",
-    "frame of",
     "negative length",
 )
+# Not "frame of N bytes runs past the end": the C unpickler fails there, but the
+# pure-Python one (joblib's) reads what remains as the frame and runs it.
 #: Every integer an unpickler reads (C ``strtol``/``PyLong_FromString`` and Python
 #: ``int`` in base 0 or 10, octal ``010`` included, the protocol 0 ``L`` suffix) and every
 #: float (``float()``, ``PyOS_string_to_double``, inf and nan) matches these, loosely: a
@@ -96,19 +112,19 @@ def why_skipped(buf: memoryview, analysis: Analysis) -> str | None:
 
     if not buf:
         return "empty file"
-    compressed = analysis.format.startswith("joblib (") and analysis.format.endswith(")")
-    if analysis.format not in ("unknown", "pickle") and not compressed:
+    compressed = analysis.format in COMPRESSED_JOBLIB
+    if analysis.format not in (Format.UNKNOWN, Format.PICKLE) and not compressed:
         return None
-    if analysis.format != "unknown" and analysis.verdict is Verdict.SAFE:
+    if analysis.format is not Format.UNKNOWN and analysis.verdict is Verdict.SAFE:
         return None
     if is_tar(buf) or has_trailing_zip(buf):
         return None
     head = bytes(buf[:8])
-    if analysis.format == "unknown":
+    if analysis.format is Format.UNKNOWN:
         if any(head.startswith(magic) for magic, _ in JOBLIB_UNREAD):
             return None
         return "no pickle, PyTorch, NumPy, joblib or safetensors loader reads these bytes"
-    if analysis.format == "pickle" and head[:1] != b"\x80":
+    if analysis.format is Format.PICKLE and head[:1] != b"\x80":
         why = inert_failure(buf, analysis)
         return None if why is None else f"read as a pickle, {why}"
     if compressed:
@@ -138,7 +154,7 @@ def inert_failure(buf: memoryview, analysis: Analysis) -> str | None:
     """Where and why every unpickler fails on ``buf`` having run nothing, or None."""
     cut, cut_why = _stop(buf)
     view = buf[:cut] if cut is not None else buf
-    side = Analysis("pickle", budget=analysis.budget)
+    side = Analysis(Format.PICKLE, budget=analysis.budget)
     analyser = PickleAnalyser(view, 0, side)
     try:
         analyser.run()
@@ -161,6 +177,8 @@ def inert_failure(buf: memoryview, analysis: Analysis) -> str | None:
         return None  # the import itself runs the module's code, whatever comes after
     if cut is not None and message.startswith("truncated") and at >= cut - 1:
         return f"every unpickler stops at byte {cut}, at {cut_why}"
+    if message.startswith("truncated") and _import_at_end(view):
+        return None
     if not (message.startswith(_CONCLUSIVE) or _bad_number(view, message)):
         return None
     if _imports_first(buf, at):
@@ -197,7 +215,9 @@ def _stop(buf: memoryview) -> tuple[int | None, str]:
                 return op.offset, "a persistent id (no loader accepts one in the first pickle)"
             if op.name in ("GLOBAL", "INST") and isinstance(op.arg, tuple):
                 module = str(op.arg[0])
-                if not all(part.isidentifier() for part in module.split(".")):
+                if not all(part.isidentifier() for part in module.split(".")) and not findable(
+                    module
+                ):
                     return op.offset, f"an import of {module[:60]!r} (not a module name)"
     return None, ""
 
@@ -211,6 +231,11 @@ def _bad_number(buf: memoryview, message: str) -> bool:
         return False
     line = bytes(buf[start + 1 : start + 1 + 4096]).split(b"\n", 1)[0]
     syntax = _INT_SYNTAX if message.startswith("invalid integer") else _FLOAT_SYNTAX
+    # The C unpickler parses a copy of the line as a C string (strtol, PyLong_FromString,
+    # PyOS_string_to_double): a NUL ends it there, and INT reads an empty one as 0.
+    before_nul = line.split(b"\0", 1)[0]
+    if b"\0" in line and (not before_nul or syntax.fullmatch(before_nul) is not None):
+        return False
     return syntax.fullmatch(line) is None
 
 
@@ -226,6 +251,23 @@ def _failing_op(buf: memoryview) -> int | None:
     except FormatError:
         return start
     return None
+
+
+def _import_at_end(buf: memoryview) -> bool:
+    """True if the stream ends in a GLOBAL or INST whose lines the end cuts short, on a
+    module the import system may find: the pure-Python unpickler (joblib's) reads a last
+    line without its newline (less its last byte), imports the module, and INST calls the
+    name, before it finds the end."""
+    start = _failing_op(buf)
+    if start is None or start >= len(buf) or bytes(buf[start : start + 1]) not in b"ci":
+        return False
+    line, newline, _ = bytes(buf[start + 1 : start + 1 + 4096]).partition(b"\n")
+    try:
+        module = (line if newline else line[:-1]).decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # the unpickler fails on the name before it imports
+    mapped = {m for m, _ in _compat_pickle.NAME_MAPPING} | set(_compat_pickle.IMPORT_MAPPING)
+    return module in mapped or findable(module)
 
 
 def _imports_first(buf: memoryview, at: int) -> bool:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from trainguard.artifacts.allowlist import (
     NN_MODULE,
     RECONSTRUCTORS,
-    TENSOR_TYPES,
     Rule,
+    argument_findings,
     reconstructible,
     rule_for,
     severity_of,
@@ -251,50 +251,8 @@ class PickleAnalyser(DataRules):
         return made
 
     def check_arguments(self, qualified: str, args: Value, offset: int, rule: Rule) -> None:
-        items = args.items if isinstance(args, Container) else None
-        if rule.args != "any":
-            values = items if items is not None else [UNKNOWN]
-            consts = [v.value for v in values if isinstance(v, Const)]
-            plain = len(consts) == len(values)
-            ok = {
-                "empty": not values,
-                "strings": plain and all(isinstance(v, str) for v in consts),
-                "one": len(values) == 1 and plain,
-            }[rule.args]
-            if not ok:
-                self.finding(
-                    Severity.HIGH,
-                    f"{qualified} called with arguments other than its known-inert form "
-                    f"({rule.args})",
-                    offset,
-                )
-        if qualified == "_codecs.encode":
-            encoding = items[1] if items and len(items) == 2 else None
-            if not (isinstance(encoding, Const) and encoding.value in ("latin1", "latin-1")):
-                self.finding(Severity.MEDIUM, "_codecs.encode with an unexpected codec", offset)
-        elif qualified == "torch._tensor._rebuild_from_type_v2":
-            func = items[0] if items and len(items) == 4 else None
-            kind = items[1] if items and len(items) == 4 else None
-            fn = rule_for(func.qualified) if isinstance(func, Global) else None
-            if (
-                not isinstance(func, Global)
-                or fn is None
-                or not fn.call
-                or func.qualified in RECONSTRUCTORS  # their arguments are checked in rebuild
-            ):
-                self.finding(
-                    Severity.HIGH, "_rebuild_from_type_v2 with a disallowed function", offset
-                )
-            elif items:  # it calls func(*args): the same argument rules as a direct call
-                self.check_arguments(func.qualified, items[2], offset, fn)
-            if not (isinstance(kind, Global) and kind.qualified in TENSOR_TYPES):
-                self.finding(Severity.HIGH, "_rebuild_from_type_v2 with a non-tensor type", offset)
-        elif qualified == "torch._utils._rebuild_wrapper_subclass":
-            cls = items[0] if items else None
-            if not (isinstance(cls, Global) and cls.qualified in TENSOR_TYPES):
-                self.finding(
-                    Severity.HIGH, "_rebuild_wrapper_subclass of a non-tensor type", offset
-                )
+        for severity, message in argument_findings(qualified, args, rule):
+            self.finding(severity, message, offset)
 
     def build(self, offset: int) -> None:
         state = self.pop(offset)

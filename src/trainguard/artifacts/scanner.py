@@ -30,6 +30,7 @@ from trainguard.artifacts.interface import (
     UNSAFE_AT,
     Analysis,
     FileReport,
+    Format,
     FormatError,
     ScanReport,
     Verdict,
@@ -56,7 +57,7 @@ def analyse_buffer(buf: memoryview, budget: MemoryBudget | None = None) -> Analy
     handler = identify(head, len(buf))
     if handler is None:
         if len(buf) == 0:
-            analysis = Analysis("empty", supported=False, budget=budget)
+            analysis = Analysis(Format.EMPTY, supported=False, budget=budget)
             analysis.add(Severity.INFO, "format", "empty file")
             return analysis
         if has_trailing_zip(buf):
@@ -64,7 +65,7 @@ def analyse_buffer(buf: memoryview, budget: MemoryBudget | None = None) -> Analy
         elif is_tar(buf):  # a tar without the ustar magic: torch.load reads it all the same
             handler = TorchTarFormat()
         else:
-            analysis = Analysis("unknown", supported=False, budget=budget)
+            analysis = Analysis(Format.UNKNOWN, supported=False, budget=budget)
             what = next((w for magic, w in JOBLIB_UNREAD if head.startswith(magic)), None)
             analysis.add(
                 Severity.INFO,
@@ -74,18 +75,18 @@ def analyse_buffer(buf: memoryview, budget: MemoryBudget | None = None) -> Analy
                 else "unrecognised format",
             )
             return analysis
-    analysis = Analysis(handler.name, budget=budget)
+    analysis = Analysis(handler.name, budget=budget, handler=handler)
     _run(handler.analyse, buf, analysis)
-    if handler.name not in ("pickle", "torch-zip", "zip") and _PICKLE.sniff(head, len(buf)):
+    if handler.name not in (Format.PICKLE, Format.ZIP) and _PICKLE.sniff(head, len(buf)):
         _check_pickle_polyglot(buf, analysis)
-    if handler.name == "pickle" and has_trailing_zip(buf):
+    if handler.name is Format.PICKLE and has_trailing_zip(buf):
         analysis.add(
             Severity.MEDIUM,
             "zip",
             "pickle/ZIP polyglot: loaders that look for a ZIP directory see other content",
         )
         _run(ZipFormat().analyse, buf, analysis)
-        analysis.format = "pickle"
+        analysis.format = Format.PICKLE
     return analysis
 
 
@@ -101,7 +102,7 @@ def _check_pickle_polyglot(buf: memoryview, analysis: Analysis) -> None:
     the payload. Code runs as soon as its opcode is reached, so a finding before the
     stream stops parsing counts; a stream that stops parsing is only the other format.
     """
-    side = Analysis("pickle", budget=analysis.budget)
+    side = Analysis(Format.PICKLE, budget=analysis.budget)
     with contextlib.suppress(FormatError, RecursionError, MemoryError):
         analyse_stream(buf, side, member=None)
     unsafe = [f for f in side.findings if f.severity >= UNSAFE_AT and f.detector != "parse"]
@@ -144,7 +145,7 @@ def report_for(path: str, buf: memoryview, budget: MemoryBudget | None = None) -
     skipped = why_skipped(buf, analysis)
     if skipped is not None:
         note = Finding(Severity.INFO, "format", "", f"not a model file: {skipped}")
-        return FileReport(path, "unknown", Verdict.SKIPPED, (note,), len(buf))
+        return FileReport(path, Format.UNKNOWN, Verdict.SKIPPED, (note,), len(buf))
     findings = sorted(analysis.findings, key=lambda f: (-f.severity, f.member or "", f.offset or 0))
     return FileReport(path, analysis.format, analysis.verdict, tuple(findings), len(buf))
 
@@ -207,7 +208,9 @@ def _report_from_dict(doc: dict[str, Any]) -> FileReport:
         )
         for f in doc["findings"]
     )
-    return FileReport(doc["path"], doc["format"], Verdict(doc["verdict"]), findings, doc["size"])
+    return FileReport(
+        doc["path"], Format(doc["format"]), Verdict(doc["verdict"]), findings, doc["size"]
+    )
 
 
 def _scan_mapped_in_child(path: str, fd: int, budget: MemoryBudget) -> FileReport:

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from trainguard import _io
 from trainguard.artifacts.arrays import TORCH_DTYPES, load_safetensors
-from trainguard.artifacts.interface import Analysis, FormatError
+from trainguard.artifacts.interface import Analysis, Format, FormatError
 from trainguard.artifacts.safetensors_check import check_safetensors
 from trainguard.errors import CheckpointError, InputError, UsageError
 from trainguard.integrity import signing
@@ -222,7 +222,7 @@ def read(path: Path, trusted: set[str]) -> Verified:
     data = _read_bytes(path)
     buf = memoryview(data)
     try:
-        infos = check_safetensors(buf, Analysis("safetensors"))
+        infos = check_safetensors(buf, Analysis(Format.SAFETENSORS))
     except FormatError as exc:
         raise CheckpointIntegrityError(where, [f"not a valid safetensors file: {exc}"]) from exc
     start = 8 + int.from_bytes(buf[:8], "little")

@@ -1,5 +1,8 @@
 """The format handlers, in the order they are tried on a file's first bytes.
 
+The handler that recognises a file analyses it and, for ``trainguard.load``, rebuilds it:
+one class per format scans and loads, so the two can never read the bytes differently.
+
 The order matters only where magic numbers could overlap: compressed joblib streams
 (whose first byte could also be read as a pickle opcode) come before plain pickles.
 """

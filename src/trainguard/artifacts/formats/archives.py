@@ -7,13 +7,24 @@ exist and to be large enough, from the directory alone.
 
 from __future__ import annotations
 
+import io
+import pickle
 import zlib
+from typing import Any
 
-from trainguard.artifacts.budget import BudgetExceeded
+from trainguard.artifacts.budget import BudgetExceeded, MemoryBudget
 from trainguard.artifacts.formats.numpy_files import NeedsWhole, analyse_npy
 from trainguard.artifacts.formats.pickles import PickleFormat, analyse_tail, const, itemsize_of
-from trainguard.artifacts.interface import Analysis, FormatError
+from trainguard.artifacts.interface import Analysis, Format, FormatError, NotLoadable
 from trainguard.artifacts.pickle_analysis import Container, PickleResult, analyse_pickle
+from trainguard.artifacts.unpickler import (
+    RestrictedUnpickler,
+    StorageType,
+    restorer,
+    storage_view,
+    typed_storage,
+    validate_sparse,
+)
 from trainguard.artifacts.zipcheck import (
     ZipMember,
     find_eocd,
@@ -21,7 +32,7 @@ from trainguard.artifacts.zipcheck import (
     read_member,
     torch_archive_prefix,
 )
-from trainguard.errors import Severity
+from trainguard.errors import Severity, UnsupportedFormatError
 
 #: A pickle member larger than this (uncompressed) is not analysed: UNVERIFIABLE.
 MAX_PICKLE_MEMBER = 1 << 30
@@ -38,7 +49,7 @@ _TORCH_RECORDS = frozenset(
 class ZipFormat:
     """Any ZIP archive: dispatches to PyTorch or NumPy by what the members are."""
 
-    name = "zip"
+    name = Format.ZIP
 
     def sniff(self, head: bytes, size: int) -> bool:
         return head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06")
@@ -52,21 +63,30 @@ class ZipFormat:
         chosen = {id(m) for m in pickles}
         arrays = [m for m in members if id(m) not in chosen and _starts_npy(buf, m, analysis)]
         if pickles:
-            analysis.format = "torch-zip"
+            analysis.format = Format.TORCH_ZIP
             analyse_torch(buf, members, pickles, analysis)
             for member in arrays:
                 analyse_npz_member(buf, member, analysis)
         elif arrays or any(m.name.endswith(".npy") for m in members):
-            analysis.format = "npz"
+            analysis.format = Format.NPZ
             for member in members:
                 analyse_npz_member(buf, member, analysis)
         elif any(m.name.rsplit("/", 1)[-1] in _KERAS_MARKERS for m in members):
-            analysis.format = "keras"
+            analysis.format = Format.KERAS
             analysis.supported = False
             analysis.add(Severity.INFO, "format", "Keras archive: not supported by this scanner")
         else:
             analysis.supported = False
             analysis.add(Severity.INFO, "format", "ZIP archive with no pickle or array members")
+
+    def load(self, data: bytearray, analysis: Analysis, map_location: Any) -> Any:
+        if analysis.format is Format.TORCH_ZIP:
+            return load_torch_zip(data, memoryview(data), map_location, analysis.budget)
+        if analysis.format is Format.NPZ:
+            from trainguard.artifacts import arrays
+
+            return arrays.load_npz(memoryview(data), analysis.budget)
+        raise NotLoadable
 
 
 def _starts_npy(buf: memoryview, member: ZipMember, analysis: Analysis) -> bool:
@@ -198,7 +218,7 @@ def analyse_stray(buf: memoryview, member: ZipMember, analysis: Analysis) -> Non
         "member not read by torch.load, yet it looks like a pickle",
         member=member.name,
     )
-    scratch = Analysis("stray", budget=analysis.budget)
+    scratch = Analysis(Format.PICKLE, budget=analysis.budget)
     try:
         with analysis.budget.hold(member.size, "the member", member=member.name):
             data = read_member(buf, member, limit=MAX_PICKLE_MEMBER)
@@ -255,6 +275,51 @@ def member_prefix(buf: memoryview, member: ZipMember, n: int, limit: int) -> byt
             raise FormatError(f"corrupt deflate data: {exc}", member=member.name) from exc
     # bz2 and lzma members are inflated whole, within what the memory budget leaves
     return bytes(read_member(buf, member, limit=limit)[:n])
+
+
+def load_torch_zip(
+    data: bytearray, buf: memoryview, map_location: Any, budget: MemoryBudget
+) -> Any:
+    """A ``torch.save`` zip checkpoint rebuilt from ``data``: stored records are views."""
+    members = parse_zip(buf, Analysis(Format.ZIP))
+    by_name = {m.name: m for m in members}
+    prefix = torch_archive_prefix(members)
+    order = by_name.get(f"{prefix}/byteorder")
+    if order is not None and read_member(buf, order, limit=16).strip() not in (b"", b"little"):
+        raise UnsupportedFormatError("big-endian checkpoints are not supported")
+    restore = restorer(map_location)
+    loaded: dict[str, Any] = {}
+
+    def persistent_load(pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError("unexpected persistent id")
+        _, storage_type, key, location, numel = pid
+        if key in loaded:
+            return loaded[key]
+        member = by_name.get(f"{prefix}/data/{key}")
+        if member is None:
+            raise FormatError(f"storage record data/{key} is missing")
+        if not isinstance(storage_type, StorageType):
+            raise pickle.UnpicklingError("persistent id without a storage type")
+        nbytes = numel * storage_type.itemsize
+        if nbytes > member.size:
+            raise FormatError(f"storage record data/{key} is too short")
+        if member.method == 0:
+            untyped = storage_view(data, member.data_offset, nbytes)
+        else:
+            budget.reserve(member.size, f"storage record data/{key}")  # kept by the result
+            raw = read_member(buf, member, limit=member.size)
+            untyped = storage_view(raw if isinstance(raw, bytearray) else bytearray(raw), 0, nbytes)
+        loaded[key] = typed_storage(restore(untyped, location), storage_type)
+        return loaded[key]
+
+    main = by_name[f"{prefix}/data.pkl"]
+    # the pickle's bytes, and the objects built from its arguments (at most as many bytes)
+    budget.reserve(2 * main.size, "data.pkl and what it builds")
+    pkl = bytes(read_member(buf, main, limit=main.size))
+    result = RestrictedUnpickler(io.BytesIO(pkl), persistent_load).load()
+    validate_sparse()
+    return result
 
 
 def has_trailing_zip(buf: memoryview) -> bool:

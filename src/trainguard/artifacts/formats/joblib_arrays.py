@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from trainguard.artifacts.interface import Analysis, FormatError
+from trainguard.artifacts.interface import Analysis, Format, FormatError
 from trainguard.artifacts.pickle_analysis import (
     Const,
     Container,
@@ -241,7 +241,7 @@ def plain_reading(buf: memoryview, analysis: Analysis, member: str | None) -> No
     Code runs as soon as its opcode is reached, so findings before the stream stops
     parsing count; a stream that stops parsing is only what joblib reads.
     """
-    side = Analysis("pickle", budget=analysis.budget)
+    side = Analysis(Format.PICKLE, budget=analysis.budget)
     with contextlib.suppress(FormatError, RecursionError, MemoryError):
         _PlainReading(buf, side, member).run()
     seen = {(f.detector, f.location, f.message) for f in analysis.findings}

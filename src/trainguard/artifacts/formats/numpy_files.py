@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from trainguard.artifacts.formats.pickles import analyse_tail
-from trainguard.artifacts.interface import Analysis, FormatError
+from trainguard.artifacts.interface import Analysis, Format, FormatError
 from trainguard.artifacts.npy import is_npy, npy_data_size, parse_npy_header
 from trainguard.artifacts.pickle_analysis import analyse_pickle
 from trainguard.errors import Severity
@@ -14,13 +16,18 @@ class NeedsWhole(Exception):
 
 
 class NpyFormat:
-    name = "npy"
+    name = Format.NPY
 
     def sniff(self, head: bytes, size: int) -> bool:
         return is_npy(head)
 
     def analyse(self, buf: memoryview, analysis: Analysis) -> None:
         analyse_npy(buf, analysis, member=None, size=len(buf), full=True)
+
+    def load(self, data: bytearray, analysis: Analysis, map_location: Any) -> Any:
+        from trainguard.artifacts import arrays
+
+        return arrays.load_npy(data, 0, len(data))
 
 
 def analyse_npy(

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import io
+import pickle
 import tarfile
+from typing import Any
 
 from trainguard.artifacts.formats.pickles import analyse_stream, analyse_tail, itemsize_of
-from trainguard.artifacts.interface import Analysis, FormatError
+from trainguard.artifacts.interface import Analysis, Format, FormatError, NotLoadable
 from trainguard.artifacts.pickle_analysis import Container, analyse_pickle
 from trainguard.artifacts.safetensors_check import check_safetensors, is_safetensors
+from trainguard.artifacts.unpickler import (
+    RestrictedUnpickler,
+    StorageType,
+    restorer,
+    storage_view,
+    typed_storage,
+    validate_sparse,
+)
 from trainguard.errors import Severity
 
 MAX_TAR_MEMBERS = 64
@@ -17,13 +27,18 @@ MAX_TAR_MEMBERS = 64
 class SafetensorsFormat:
     """safetensors holds no code: valid means safe, malformed means unverifiable."""
 
-    name = "safetensors"
+    name = Format.SAFETENSORS
 
     def sniff(self, head: bytes, size: int) -> bool:
         return is_safetensors(head, size)
 
     def analyse(self, buf: memoryview, analysis: Analysis) -> None:
         check_safetensors(buf, analysis)
+
+    def load(self, data: bytearray, analysis: Analysis, map_location: Any) -> Any:
+        from trainguard.artifacts import arrays
+
+        return arrays.load_safetensors(data, memoryview(data), map_location)
 
 
 class _View(io.RawIOBase):
@@ -66,7 +81,7 @@ class _View(io.RawIOBase):
 class TorchTarFormat:
     """The oldest PyTorch format: a tar of sys_info, pickle, storages and tensors."""
 
-    name = "torch-tar"
+    name = Format.TORCH_TAR
 
     def sniff(self, head: bytes, size: int) -> bool:
         if len(head) >= 262 and head[257:262] == b"ustar":
@@ -102,7 +117,7 @@ class TorchTarFormat:
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise FormatError(f"unreadable tar: {exc}") from exc
         if not {"pickle", "storages", "tensors"} <= members.keys():
-            analysis.format = "tar"
+            analysis.format = Format.TAR
             analysis.supported = False
             analysis.add(Severity.INFO, "format", "tar archive that is not a PyTorch checkpoint")
             return
@@ -127,6 +142,11 @@ class TorchTarFormat:
                 if exc.member is None:
                     exc.member = name
                 analysis.fail(exc)
+
+    def load(self, data: bytearray, analysis: Analysis, map_location: Any) -> Any:
+        if analysis.format is not Format.TORCH_TAR:
+            raise NotLoadable
+        return load_torch_tar(data, memoryview(data), map_location)
 
 
 def _count(buf: memoryview, pos: int, analysis: Analysis, member: str) -> tuple[int, int]:
@@ -167,13 +187,92 @@ def _tensors(buf: memoryview, analysis: Analysis) -> None:
     analyse_tail(buf, pos, analysis, member="tensors")
 
 
+def _tar_members(buf: memoryview) -> dict[str, tuple[int, int]]:
+    import tarfile
+
+    members: dict[str, tuple[int, int]] = {}
+    with tarfile.open(fileobj=_View(buf), mode="r:") as tar:
+        for info in tar:
+            if info.isfile():
+                members[info.name] = (info.offset_data, info.size)
+    return members
+
+
+def load_torch_tar(data: bytearray, buf: memoryview, map_location: Any) -> Any:
+    """The pre-1.0 tar format, read as torch's ``legacy_load`` reads it: storages (each a
+    record and its bytes), views of them, tensors over them, then the pickle, whose
+    persistent ids are the tensors' and storages' keys."""
+    import torch
+
+    members = _tar_members(buf)
+    restore = restorer(map_location)
+    objects: dict[int, Any] = {}
+
+    def next_pickle(start: int, end: int) -> tuple[Any, int]:
+        stop = analyse_pickle(buf[:end], start, Analysis(Format.TORCH_TAR)).end
+        return RestrictedUnpickler(io.BytesIO(buf[start:stop])).load(), stop
+
+    start, size = members["storages"]
+    end = start + size
+    count, pos = next_pickle(start, end)
+    for _ in range(count):
+        (key, location, storage_type), pos = next_pickle(pos, end)
+        if not isinstance(storage_type, StorageType):
+            raise pickle.UnpicklingError("storage record without a storage type")
+        numel = int.from_bytes(buf[pos : pos + 8], "little", signed=True)
+        nbytes = numel * storage_type.itemsize
+        if numel < 0 or pos + 8 + nbytes > end:
+            raise FormatError("storage data runs past the end")
+        objects[key] = typed_storage(
+            restore(storage_view(data, pos + 8, nbytes), location), storage_type
+        )
+        pos += 8 + nbytes
+    views, pos = next_pickle(pos, end)
+    for target, root_key, offset, numel in views:
+        root = objects[root_key]
+        itemsize = root.element_size()
+        part = root._untyped_storage[offset * itemsize : (offset + numel) * itemsize]
+        objects[target] = torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
+            wrap_storage=part, dtype=root.dtype, _internal=True
+        )
+
+    start, size = members["tensors"]
+    end = start + size
+    count, pos = next_pickle(start, end)
+    for _ in range(count):
+        (key, storage_id, _kind), pos = next_pickle(pos, end)
+        storage = objects[storage_id]
+        ndim = int.from_bytes(buf[pos : pos + 4], "little", signed=True)
+        if ndim < 0 or pos + 16 + 16 * ndim > end:
+            raise FormatError("tensor record runs past the end")
+        words = [
+            int.from_bytes(buf[p : p + 8], "little", signed=True)
+            for p in range(pos + 8, pos + 16 + 16 * ndim, 8)
+        ]
+        sizes, strides, offset = words[:ndim], words[ndim : 2 * ndim], words[-1]
+        objects[key] = torch.empty((0,), dtype=storage.dtype).set_(
+            storage._untyped_storage, offset, sizes, strides
+        )
+        pos += 16 + 16 * ndim
+
+    def persistent_load(pid: Any) -> Any:
+        if isinstance(pid, tuple):
+            raise pickle.UnpicklingError("module source records are not supported")
+        return objects[int(pid)]
+
+    start, size = members["pickle"]
+    result = RestrictedUnpickler(io.BytesIO(buf[start : start + size]), persistent_load).load()
+    validate_sparse()
+    return result
+
+
 # --- recognised, not supported -------------------------------------------------------
 
 
 class Unsupported:
     """A format recognised by its magic bytes that this scanner does not analyse."""
 
-    def __init__(self, name: str, magic: bytes, at: int = 0, why: str = "") -> None:
+    def __init__(self, name: Format, magic: bytes, at: int = 0, why: str = "") -> None:
         self.name = name
         self.magic = magic
         self.at = at
@@ -186,9 +285,14 @@ class Unsupported:
         analysis.supported = False
         analysis.add(Severity.INFO, "format", f"{self.name}: not supported{self.why}")
 
+    def load(self, data: bytearray, analysis: Analysis, map_location: Any) -> Any:
+        raise NotLoadable
+
 
 UNSUPPORTED = [
-    Unsupported("hdf5", b"\x89HDF\r\n\x1a\n", why=" (Keras HDF5 files can hold Lambda-layer code)"),
-    Unsupported("gguf", b"GGUF"),
-    Unsupported("tflite", b"TFL3", at=4),
+    Unsupported(
+        Format.HDF5, b"\x89HDF\r\n\x1a\n", why=" (Keras HDF5 files can hold Lambda-layer code)"
+    ),
+    Unsupported(Format.GGUF, b"GGUF"),
+    Unsupported(Format.TFLITE, b"TFL3", at=4),
 ]

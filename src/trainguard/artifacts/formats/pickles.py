@@ -9,13 +9,16 @@ arrays are nested pickles. All three are walked without reading tensor bytes.
 from __future__ import annotations
 
 import bz2
+import io
 import lzma
+import pickle
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 from trainguard.artifacts.budget import BudgetExceeded
 from trainguard.artifacts.formats.joblib_arrays import joblib_hook, plain_reading
-from trainguard.artifacts.interface import Analysis, FormatError
+from trainguard.artifacts.interface import Analysis, Format, FormatError, NotLoadable
 from trainguard.artifacts.pickle_analysis import (
     BuildHook,
     Const,
@@ -26,7 +29,15 @@ from trainguard.artifacts.pickle_analysis import (
     analyse_pickle,
 )
 from trainguard.artifacts.pickle_ops import OPCODES
-from trainguard.errors import Severity
+from trainguard.artifacts.unpickler import (
+    RestrictedUnpickler,
+    StorageType,
+    restorer,
+    storage_view,
+    typed_storage,
+    validate_sparse,
+)
+from trainguard.errors import Severity, UnsupportedFormatError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 #: At most this many pickles back to back in one stream.
@@ -62,7 +73,7 @@ def const(value: Value | None) -> object:
 class PickleFormat:
     """A file that starts with a pickle: plain, legacy PyTorch, or joblib."""
 
-    name = "pickle"
+    name = Format.PICKLE
 
     def sniff(self, head: bytes, size: int) -> bool:
         if not head:
@@ -73,6 +84,15 @@ class PickleFormat:
 
     def analyse(self, buf: memoryview, analysis: Analysis) -> None:
         analyse_stream(buf, analysis, member=None)
+
+    def load(self, data: bytearray, analysis: Analysis, map_location: Any) -> Any:
+        buf = memoryview(data)
+        if analysis.format is Format.TORCH_LEGACY:
+            return load_torch_legacy(data, buf, map_location)
+        if analysis.format is Format.PICKLE:
+            end = analyse_pickle(buf, 0, Analysis(Format.PICKLE)).end
+            return RestrictedUnpickler(io.BytesIO(buf[:end])).load()
+        raise NotLoadable  # joblib dumps: scanned only
 
 
 def analyse_stream(
@@ -89,9 +109,9 @@ def analyse_stream(
     if hook.skipped and plain:
         plain_reading(buf, analysis, member)
     if any(g.module == "joblib.numpy_pickle" for g in first.globals):
-        analysis.format = "joblib"
+        analysis.format = Format.JOBLIB
     if const(first.root) == LEGACY_MAGIC:
-        analysis.format = "torch-legacy"
+        analysis.format = Format.TORCH_LEGACY
         end = _legacy_torch(buf, first, analysis, member)
     else:
         end = first.end
@@ -172,6 +192,64 @@ def _legacy_torch(
     return pos
 
 
+def load_torch_legacy(data: bytearray, buf: memoryview, map_location: Any) -> Any:
+    """A legacy (pre-zip) checkpoint rebuilt from ``data``: its storages are views."""
+    import torch
+
+    bounds = []
+    pos = 0
+    for _ in range(5):
+        end = analyse_pickle(buf, pos, Analysis(Format.TORCH_LEGACY), allow_persistent=True).end
+        bounds.append((pos, end))
+        pos = end
+    head = [RestrictedUnpickler(io.BytesIO(buf[a:b])).load() for a, b in bounds[:3]]
+    if head[0] != LEGACY_MAGIC or head[1] != 1001:
+        raise UnsupportedFormatError(f"legacy protocol {head[1]!r} is not supported")
+    if not head[2].get("little_endian", True):
+        raise UnsupportedFormatError("big-endian checkpoints are not supported")
+    keys = RestrictedUnpickler(io.BytesIO(buf[bounds[4][0] : bounds[4][1]])).load()
+    main_pickle = analyse_pickle(
+        buf, bounds[3][0], Analysis(Format.TORCH_LEGACY), allow_persistent=True
+    )
+    itemsizes = storage_itemsizes(main_pickle)
+    records: dict[str, tuple[int, int]] = {}  # key -> (data offset, element count)
+    for key in keys:
+        numel = int.from_bytes(buf[pos : pos + 8], "little", signed=True)
+        records[key] = (pos + 8, numel)
+        if key not in itemsizes:
+            raise FormatError(f"storage {key!r} has no known element size")
+        pos += 8 + numel * itemsizes[key]
+    restore = restorer(map_location)
+    roots: dict[str, Any] = {}
+
+    def persistent_load(pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise pickle.UnpicklingError("unexpected persistent id")
+        _, storage_type, root_key, location, _numel, view = pid
+        if not isinstance(storage_type, StorageType):
+            raise pickle.UnpicklingError("persistent id without a storage type")
+        itemsize = storage_type.itemsize
+        if root_key not in roots:
+            offset, count = records[root_key]
+            roots[root_key] = typed_storage(
+                restore(storage_view(data, offset, count * itemsize), location), storage_type
+            )
+        root = roots[root_key]
+        if view is None:
+            return root
+        _view_key, view_offset, view_size = view
+        start = view_offset * itemsize
+        part = root._untyped_storage[start : start + view_size * itemsize]
+        return torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
+            wrap_storage=part, dtype=root.dtype, _internal=True
+        )
+
+    main = buf[bounds[3][0] : bounds[3][1]]
+    result = RestrictedUnpickler(io.BytesIO(main), persistent_load).load()
+    validate_sparse()
+    return result
+
+
 # --- compressed joblib dumps -----------------------------------------------------------
 
 _Decompressor = Callable[[], "zlib._Decompress | bz2.BZ2Decompressor | lzma.LZMADecompressor"]
@@ -191,6 +269,13 @@ _NEXT_STREAM: dict[str, _Decompressor] = {
     "xz": lambda: lzma.LZMADecompressor(lzma.FORMAT_AUTO),
     "lzma": lambda: lzma.LZMADecompressor(lzma.FORMAT_AUTO),
 }
+_CODEC_FORMAT = {
+    "zlib": Format.JOBLIB_ZLIB,
+    "gzip": Format.JOBLIB_GZIP,
+    "bz2": Format.JOBLIB_BZ2,
+    "xz": Format.JOBLIB_XZ,
+    "lzma": Format.JOBLIB_LZMA,
+}
 #: joblib < 0.10 wrote "ZF", the uncompressed length in hex padded to 19 characters,
 #: then a zlib stream; joblib.load still reads it (``load_compatibility``).
 _ZFILE_HEADER = 2 + 19
@@ -208,7 +293,7 @@ class CompressedPickleFormat:
     """joblib's compressed dumps (zlib, gzip, bz2, xz, lzma, and joblib < 0.10's zlib
     files): inflated as joblib inflates them, bounded, analysed."""
 
-    name = "joblib-compressed"
+    name = Format.JOBLIB_COMPRESSED
 
     def sniff(self, head: bytes, size: int) -> bool:
         return self._codec(head) is not None
@@ -242,12 +327,15 @@ class CompressedPickleFormat:
                     f"old joblib file declares {declared} bytes but holds {len(data)}: "
                     "joblib.load refuses it"
                 )
-            analysis.format = "joblib (zfile)"
+            analysis.format = Format.JOBLIB_ZFILE
         else:
             data = decompress_bounded(buf, make(), codec, limit)
-            analysis.format = f"joblib ({codec})"
+            analysis.format = _CODEC_FORMAT[codec]
         with analysis.budget.hold(len(data), f"the decompressed {codec} stream"):
             analyse_stream(memoryview(data), analysis, member=f"<{codec} stream>", plain=False)
+
+    def load(self, data: bytearray, analysis: Analysis, map_location: Any) -> Any:
+        raise NotLoadable  # compressed joblib dumps: scanned only
 
 
 def decompress_bounded(
