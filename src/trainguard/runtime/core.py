@@ -340,18 +340,16 @@ class LedgerWatch(BaseDetector):
             else:
                 return
         self.lost = True
-        self.ctx.alert(
-            Alert(
-                self.ctx.at(),
-                None,
-                "ledger",
-                Severity.HIGH,
-                f"the run's ledger {path} {what} during training: the run's record is "
-                "incomplete from here on",
-                {"path": str(path), "seen_by": self.ctx.rank},
-            ),
-            0,
+        self._alert(
+            f"the run's ledger {path} {what} during training: the run's record is "
+            "incomplete from here on",
+            {"path": str(path)},
         )
+
+    def _alert(self, text: str, details: dict[str, Any]) -> None:
+        """HIGH, naming no rank (whoever did it, not the rank that saw it)."""
+        details = {**details, "seen_by": self.ctx.rank}
+        self.ctx.alert(Alert(self.ctx.at(), None, "ledger", Severity.HIGH, text, details), 0)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -380,17 +378,10 @@ class LedgerWatch(BaseDetector):
         if not gone:
             return
         self.tampered = True
-        self.ctx.alert(
-            Alert(
-                self.ctx.at(),
-                None,
-                "ledger",
-                Severity.HIGH,
-                f"entries this rank wrote were deleted or rewritten in the run's ledger during "
-                f"training: {', '.join(map(str, gone[:8]))} (written by rank {self.ctx.rank})",
-                {"entries": gone, "seen_by": self.ctx.rank},
-            ),
-            0,
+        self._alert(
+            f"entries this rank wrote were deleted or rewritten in the run's ledger during "
+            f"training: {', '.join(map(str, gone[:8]))} (written by rank {self.ctx.rank})",
+            {"entries": gone},
         )
 
 
