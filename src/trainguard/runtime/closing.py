@@ -87,12 +87,12 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
         attempt(f"stopping the {detector.name} detector", detector.close)
     for handle in getattr(guard, "_hook_handles", ()):
         attempt("removing the optimizer hooks", handle.remove)
-    attempt("restoring the signal handlers", guard.signals.close)
     if error is not None and not isinstance(error, GuardHalt):
         attempt("recording the failure", lambda: report_failure(guard, error))
     attempt("writing the alerts file", lambda: write_alerts_file(guard))
     healthy = error is None or isinstance(error, GuardHalt)
     if guard.ledger is None:
+        attempt("restoring the signal handlers", guard.signals.close)
         return
     if getattr(getattr(guard, "ledger_watch", None), "lost", False):
         problem(guard, "writing the closing entries", "the run's ledger is gone (see the alert)")
@@ -102,6 +102,10 @@ def close(guard: Guard, error: BaseException | None = None) -> None:
         attempt("reporting a cut in the ledger", lambda: tail.report_cut(guard))
     payload = closing_payload(guard, error)
     append_once(guard, "rank", "rank.closed", _rank_payload(guard, payload))
+    # only now: a launcher's SIGTERM while closing (it stops every rank once one died) runs
+    # the handler, which writes this closing entry if it was not written yet, instead of
+    # ending the process with no entry at all (a peer then reported the rank as gone)
+    attempt("restoring the signal handlers", guard.signals.close)
     ended = False
     try:
         if not healthy:
