@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainguard.errors import InputError
+from trainguard import _io
+from trainguard.errors import Error, InputError
+from trainguard.report.metrics import FILE_CAP
 from trainguard.runtime.core import state_fresh
 from trainguard.runtime.metrics_log import CHAIN0
 from trainguard.runtime.replay_mode import ENV, Plan
@@ -107,10 +109,10 @@ def _trusted_lines(
     the lines that follow, one more at a time: where each chunk ends needs no step
     numbers, so restores and rollbacks (steps out of order) read like any run."""
     try:
-        raw = path.read_bytes().splitlines(keepends=True)
+        raw = _io.read_capped(path, FILE_CAP, "metrics file").splitlines(keepends=True)
         values = [json.loads(line) for line in raw]
         steps = [int(value["step"]) for value in values]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (Error, OSError, ValueError, KeyError, TypeError) as exc:
         record.notes.append(f"{path}: cannot be read as step records ({exc}); not used")
         return {}
     expected = [c.get("metrics_chain") for c in record.sequence]

@@ -130,3 +130,17 @@ def test_a_metrics_file_that_cannot_be_written_is_reported_and_training_goes_on(
     assert closing["metrics"]["lines"] == 0
     assert "failed" in closing["metrics"]
     assert guard._step == 12
+
+
+def test_replay_refuses_a_metrics_file_that_is_not_a_regular_file(tmp_path):
+    """A FIFO where a rank's metrics file was: replay's reader notes it, never blocks."""
+    import os
+
+    from trainguard.replay import Record, _trusted_lines
+
+    fifo = tmp_path / "rank0.jsonl"
+    os.mkfifo(fifo)
+    record = Record()
+    assert _trusted_lines(fifo, 0, record, {"chain": "00" * 8}) == {}
+    assert len(record.notes) == 1
+    assert "not used" in record.notes[0]
